@@ -13,12 +13,15 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from . import catalog
-from .errors import HybridLLMError
+from .errors import ConfigError, HybridLLMError
 
 console = Console()
 err_console = Console(stderr=True)
 
 Command = Callable[[argparse.Namespace], int]
+
+
+
 
 
 def _human(n: float) -> str:
@@ -120,6 +123,82 @@ def _block_bytes_text(sizes: Sequence[int]) -> str:
     return f"{spread} ({len(sizes)} blocks, {_human(sum(sizes))} in all)"
 
 
+# --- plan ------------------------------------------------------------------------------------
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    """The placement options shared by plan, run, chat and bench."""
+    p.add_argument("--ctx", type=int, default=4096, help="context length (tokens) to plan the KV cache for")
+    p.add_argument("-ngl", "--n-gpu-layers", default="auto", type=_layers_arg,
+                   help="'auto' (default: as many as fit), 'all', or a number of blocks")
+    p.add_argument("--gpu-mem", default=None, help="cap on GPU bytes for the plan, e.g. 4GiB")
+    p.add_argument("--gpu-margin", default="1GiB", help="GPU memory left free (default 1GiB)")
+    p.add_argument("--head-on-gpu", action="store_true", help="put the output head and final norm on the GPU")
+
+
+def _layers_arg(text: str) -> int | str:
+    if text in ("auto", "all"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'all' or a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def placement_from_args(model_file, args: argparse.Namespace):  # noqa: ANN001, ANN201
+    from .backends.gpu_probe import probe
+    from .placement import ModelSizes, parse_size, plan
+
+    gpu = probe()
+    try:
+        gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else None
+        margin = parse_size(args.gpu_margin)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    result = plan(
+        model_file.config, ModelSizes.from_model(model_file), args.ctx, gpu.free_bytes,
+        n_gpu_layers=args.n_gpu_layers, margin=margin, gpu_mem=gpu_mem,
+        head_on_gpu=args.head_on_gpu, no_gpu_reason=gpu.reason,
+    )  # fmt: skip
+    return result, gpu
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .gguf_file import ModelFile
+
+    model_file = ModelFile(catalog.resolve_model(args.model))
+    result, gpu = placement_from_args(model_file, args)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "gpu_name": gpu.name or None}, indent=2))
+        return 0
+    print_plan(result, gpu.name or gpu.reason)
+    return 0
+
+
+def print_plan(result, gpu_label: str, file=None) -> None:  # noqa: ANN001
+    """The plan as a plain table, sizes in MiB (plain text so it never wraps or truncates)."""
+    out = file or sys.stdout
+    mib = lambda n: "" if n is None else f"{n / (1 << 20):.1f}"  # noqa: E731
+    print(f"placement for n_ctx={result.n_ctx} (GPU: {gpu_label})", file=out)
+    header = ("device", "blocks", "weights", "KV", "scratch", "total", "free", "free after")
+    rows = [header]
+    for name, budget in result.devices.items():
+        blocks = [b.index for b in result.blocks if b.device == name]
+        extras = [part for part, dev in (("embd", result.token_embd), ("head", result.output)) if dev == name]
+        label = (f"{blocks[0]}-{blocks[-1]}" if blocks else "none") + "".join(f" +{e}" for e in extras)
+        sizes = (budget.weights_bytes, budget.kv_bytes, budget.scratch_bytes, budget.total_bytes,
+                 budget.free_bytes, budget.free_after_bytes)  # fmt: skip
+        rows.append((name, label, *map(mib, sizes)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for i, row in enumerate(rows):
+        print("  ".join(c.rjust(w) if j > 1 else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))), file=out)
+        if i == 0:
+            print("  ".join("-" * w for w in widths) + "   (MiB)", file=out)
+    for note in result.notes:
+        print(f"note: {note}", file=out)
+
+
 # --- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridllm", description="Run quantized GGUF language models on CPU + GPU.")
@@ -136,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="a .gguf path or a catalog name")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plan", help="show which blocks go to the GPU and where every byte goes")
+    p.add_argument("model", metavar="MODEL", help="a .gguf path or a catalog name")
+    add_placement_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
@@ -144,11 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except HybridLLMError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
 
 
 if __name__ == "__main__":

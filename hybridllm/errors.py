@@ -27,3 +27,7 @@ class ContextFullError(HybridLLMError, RuntimeError):
 
 class DeviceError(HybridLLMError, RuntimeError):
     """A GPU was asked for but CuPy or a CUDA device is missing, or it ran out of memory."""
+
+
+class ConfigError(HybridLLMError, ValueError):
+    """An argument, option or environment value that cannot be used; the message names it."""
