@@ -9,6 +9,7 @@ from .errors import (
     ModelNotFoundError,
     UnsupportedTensorTypeError,
 )
+from .tokenizer import IncrementalDecoder, Tokenizer
 
 __version__ = "0.1.0"
 
@@ -17,8 +18,10 @@ __all__ = [
     "DeviceError",
     "DownloadError",
     "HybridLLMError",
+    "IncrementalDecoder",
     "ModelFormatError",
     "ModelNotFoundError",
+    "Tokenizer",
     "UnsupportedTensorTypeError",
     "__version__",
 ]
