@@ -1,0 +1,248 @@
+// Activation quantizers (float rows -> ACT_Q8_32 / ACT_Q8_K) and kernel selection.
+//
+// The SIMD and scalar quantizers give identical bytes (same scale, same x * (127 / amax)
+// product, round-half-even in both), so switching paths only changes the weight kernels.
+#include "vecdot.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "quants.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace hl {
+
+int act_kind_for(int type, bool simd) {
+    simd = simd && have_simd_kernels();
+    switch (type) {
+        case T_F32:
+        case T_F16:
+        case T_BF16: return ACT_F32;
+        case T_Q4_0:
+        case T_Q4_1:
+        case T_Q5_0:
+        case T_Q5_1: return simd ? ACT_Q8_32P : ACT_Q8_32;
+        case T_Q8_0: return ACT_Q8_32;
+        default: return ACT_Q8_K;
+    }
+}
+
+namespace {
+
+constexpr size_t align64(size_t v) { return (v + 63) & ~size_t{63}; }
+
+// Bytes of each array, in the order they sit in the buffer:
+//   ACT_Q8_32:  qs [n][cols] int8 | d [n][nb] float | s [n][nb] float
+//   ACT_Q8_32P: qs [n][256 ng] int8 | ds [n][16 ng] float
+//   ACT_Q8_K:   qs [n][cols] int8 | d [n][nb] float | bsums [n][cols/16] int16
+struct Sizes {
+    size_t qs, d, extra;
+};
+
+Sizes sizes(int kind, int64_t n, int64_t cols) {
+    const size_t nn = static_cast<size_t>(n), cc = static_cast<size_t>(cols);
+    if (kind == ACT_Q8_32) return {align64(nn * cc), align64(nn * (cc / QK) * 4), align64(nn * (cc / QK) * 4)};
+    if (kind == ACT_Q8_32P) {
+        const size_t ng = static_cast<size_t>(q8p_groups(cols));
+        return {align64(nn * ng * 256), align64(nn * ng * 64), 0};
+    }
+    if (kind == ACT_Q8_K) return {align64(nn * cc), align64(nn * (cc / QK_K) * 4), align64(nn * (cc / 16) * 2)};
+    return {0, 0, 0};
+}
+
+// One 32-block: q = round(x * 127 / amax); returns sum(q) and writes the scale to *d.
+inline int quantize_block32(const float* x, int8_t* q, float* d) {
+#if defined(__AVX2__)
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8);
+    __m256 v2 = _mm256_loadu_ps(x + 16), v3 = _mm256_loadu_ps(x + 24);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                             _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    *d = amax / 127.0f;
+    const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+    // cvtps rounds half to even under the default MXCSR, like nearbyint in the scalar path.
+    const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, id));
+    const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, id));
+    const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, id));
+    const __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, id));
+    // packs work within 128-bit lanes, giving order (0,2,1,3)-interleaved dwords; permute back.
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    const __m256i qv = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), qv);
+    __m256i s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    return _mm_cvtsi128_si32(s4);
+#else
+    float amax = 0.0f;
+    for (int j = 0; j < QK; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+    *d = amax / 127.0f;
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < QK; ++j) {
+        const int v = static_cast<int>(std::nearbyint(x[j] * id));
+        q[j] = static_cast<int8_t>(v);
+        sum += v;
+    }
+    return sum;
+#endif
+}
+
+void quantize_row_q8_32(const float* x, int64_t cols, int8_t* q, float* d, float* s) {
+    for (int64_t b = 0; b < cols / QK; ++b) {
+        const int sum = quantize_block32(x + b * QK, q + b * QK, d + b);
+        s[b] = d[b] * static_cast<float>(sum);
+    }
+}
+
+// One row in the ACT_Q8_32P order (see vecdot.h): codes in pairs, scales in groups of 8 blocks,
+// zeros past the last block.
+void quantize_row_q8_32p(const float* x, int64_t cols, int8_t* q, float* ds) {
+    const int64_t nb = cols / QK, ng = q8p_groups(cols);
+    std::memset(q, 0, static_cast<size_t>(ng) * 256);
+    std::memset(ds, 0, static_cast<size_t>(ng) * 64);
+    for (int64_t b = 0; b < nb; ++b) {
+        alignas(32) int8_t qb[QK];
+        float d = 0.0f;
+        const int sum = quantize_block32(x + b * QK, qb, &d);
+        int8_t* o = q + 64 * (b / 2) + 16 * (b % 2);  // A or B half of its pair
+        std::memcpy(o, qb, 16);
+        std::memcpy(o + 32, qb + 16, 16);
+        ds[2 * b] = d;
+        ds[2 * b + 1] = d * static_cast<float>(sum);
+    }
+}
+
+// One 256-block with a single scale; bsums[g] = sum of q over elements 16 g .. 16 g + 15.
+void quantize_block_q8_K(const float* x, int8_t* q, float* d, int16_t* bsums) {
+#if defined(__AVX2__)
+    __m256 m = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int j = 0; j < QK_K; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+#else
+    float amax = 0.0f;
+    for (int j = 0; j < QK_K; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+#endif
+    *d = amax / 127.0f;
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+#if defined(__AVX2__)
+    const __m256 vid = _mm256_set1_ps(id);
+    for (int j = 0; j < QK_K; j += 32) {
+        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j), vid));
+        const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 8), vid));
+        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 16), vid));
+        const __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 24), vid));
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j),
+                            _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        // Sums of elements 0-15 and 16-31: horizontal adds leave [a0..a3 | b0..b3] style partials.
+        const __m256i s01 = _mm256_add_epi32(i0, i1), s23 = _mm256_add_epi32(i2, i3);
+        __m256i h = _mm256_hadd_epi32(s01, s23);  // lanes: s01[0..3]+pairs, s23 pairs per 128
+        h = _mm256_hadd_epi32(h, h);
+        const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        bsums[j / 16] = static_cast<int16_t>(_mm_extract_epi32(t, 0));
+        bsums[j / 16 + 1] = static_cast<int16_t>(_mm_extract_epi32(t, 1));
+    }
+#else
+    for (int g = 0; g < QK_K / 16; ++g) {
+        int sum = 0;
+        for (int j = 16 * g; j < 16 * g + 16; ++j) {
+            const int v = static_cast<int>(std::nearbyint(x[j] * id));
+            q[j] = static_cast<int8_t>(v);
+            sum += v;
+        }
+        bsums[g] = static_cast<int16_t>(sum);
+    }
+#endif
+}
+
+}  // namespace
+
+size_t acts_bytes(int kind, int64_t n, int64_t cols) {
+    const Sizes s = sizes(kind, n, cols);
+    return s.qs + s.d + s.extra;
+}
+
+QActs acts_layout(int kind, int64_t n, int64_t cols, void* buf, const float* x) {
+    QActs a;
+    a.kind = kind;
+    a.n = n;
+    a.cols = cols;
+    if (kind == ACT_F32) {
+        a.xf = x;
+        a.ld = cols;
+        return a;
+    }
+    const Sizes s = sizes(kind, n, cols);
+    auto* base = static_cast<uint8_t*>(buf);
+    a.qs = reinterpret_cast<const int8_t*>(base);
+    a.d = reinterpret_cast<const float*>(base + s.qs);
+    if (kind == ACT_Q8_32)
+        a.s = reinterpret_cast<const float*>(base + s.qs + s.d);
+    else
+        a.bsums = reinterpret_cast<const int16_t*>(base + s.qs + s.d);
+    return a;
+}
+
+void quantize_acts_rows(const QActs& a, const float* x, int64_t r0, int64_t r1) {
+    const int64_t cols = a.cols;
+    for (int64_t r = r0; r < r1; ++r) {
+        const float* xr = x + r * cols;
+        auto* q = const_cast<int8_t*>(a.qs) + r * cols;  // ACT_Q8_32 / ACT_Q8_K row
+        if (a.kind == ACT_Q8_32) {
+            const int64_t nb = cols / QK;
+            quantize_row_q8_32(xr, cols, q, const_cast<float*>(a.d) + r * nb,
+                               const_cast<float*>(a.s) + r * nb);
+        } else if (a.kind == ACT_Q8_32P) {
+            const int64_t ng = q8p_groups(cols);
+            quantize_row_q8_32p(xr, cols, const_cast<int8_t*>(a.qs) + r * ng * 256,
+                                const_cast<float*>(a.d) + r * ng * 16);
+        } else if (a.kind == ACT_Q8_K) {
+            const int64_t nb = cols / QK_K;
+            float* d = const_cast<float*>(a.d) + r * nb;
+            int16_t* bs = const_cast<int16_t*>(a.bsums) + r * (cols / 16);
+            for (int64_t b = 0; b < nb; ++b)
+                quantize_block_q8_K(xr + b * QK_K, q + b * QK_K, d + b, bs + b * (QK_K / 16));
+        }
+    }
+}
+
+RowKernel get_kernel(int type, int na, int act_kind) {
+    if (na < 1 || na > MAX_NA) return nullptr;
+    if (RowKernel k = get_kernel_avx2(type, na, act_kind)) return k;
+    return get_kernel_scalar(type, na, act_kind);
+}
+
+const char* simd_path_compiled() {
+    // Base AVX2 path plus the optional extensions the kernels use when the build targets them.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    return "avx2+fma+f16c"
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+           "+avx512vnni"
+#elif defined(__AVXVNNI__)
+           "+avxvnni"
+#endif
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+           "+avx512bw"
+#endif
+#if defined(__GFNI__)
+           "+gfni"
+#endif
+        ;
+#else
+    return "scalar";
+#endif
+}
+
+}  // namespace hl
