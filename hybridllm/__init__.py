@@ -9,6 +9,7 @@ from .errors import (
     ModelNotFoundError,
     UnsupportedTensorTypeError,
 )
+from .runner import Runner
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "IncrementalDecoder",
     "ModelFormatError",
     "ModelNotFoundError",
+    "Runner",
     "Tokenizer",
     "UnsupportedTensorTypeError",
     "__version__",

@@ -199,6 +199,109 @@ def print_plan(result, gpu_label: str, file=None) -> None:  # noqa: ANN001
         print(f"note: {note}", file=out)
 
 
+# --- run / chat / perplexity / bench ---------------------------------------------------------
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=max_tokens, help="tokens to generate")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+
+
+def add_runner_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the placement and speeds")
+    add_placement_args(p)
+
+
+def sampling_from_args(args: argparse.Namespace) -> dict:
+    return {
+        "max_tokens": args.max_tokens, "temperature": args.temp, "top_k": args.top_k,
+        "top_p": args.top_p, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty, "seed": args.seed,
+    }  # fmt: skip
+
+
+def open_runner(model: str, args: argparse.Namespace):  # noqa: ANN201
+    """Load a Runner with the CLI's placement options, showing a progress bar while loading."""
+    from .placement import parse_size
+    from .runner import Runner
+
+    try:
+        gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else None
+        margin = parse_size(args.gpu_margin)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    columns = ("[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total} blocks")
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("loading", total=None)
+        runner = Runner(
+            model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+            seed=getattr(args, "seed", None), verbose=False, gpu_mem=gpu_mem, gpu_margin=margin,
+            head_on_gpu=args.head_on_gpu,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )  # fmt: skip
+    if args.verbose:
+        print_plan(runner.plan, runner.gpu_label, file=sys.stderr)
+    return runner
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    runner = open_runner(args.model, args)
+    for piece in runner.generate(args.prompt, stream=True, **sampling_from_args(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.verbose:
+        from .repl import _speed_line
+
+        err_console.print(_speed_line(runner.last_stats), highlight=False)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .repl import ChatSession, run_repl
+
+    model = args.model
+    if model is None:
+        model = catalog.DEFAULT_MODEL
+        if not catalog.entry(model).present:
+            pull_with_progress(model)
+    runner = open_runner(model, args)
+    session = ChatSession(runner, sampling_from_args(args), system=args.system, verbose=args.verbose)
+    run_repl(session)
+    return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read text file {path}: {exc}") from None
+    runner = open_runner(args.model, args)
+    ppl = runner.perplexity(text)
+    print(f"perplexity: {ppl:.4f}  (n_ctx={args.ctx}, {path.name})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_rows
+
+    runner = open_runner(args.model, args)
+    rows = bench_rows(runner, n_prompt=args.n_prompt, n_gen=args.n_gen, repetitions=args.repetitions)
+    table = Table(box=None)
+    for col in ("model", "size", "params", "kernels", "threads", "gpu blocks", "test", "t/s"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*map(str, row.values()))
+    console.print(table)
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridllm", description="Run quantized GGUF language models on CPU + GPU.")
@@ -215,6 +318,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="a .gguf path or a catalog name")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("run", help="continue a prompt, printing tokens as they come")
+    p.add_argument("model", metavar="MODEL", help="a .gguf path or a catalog name")
+    p.add_argument("-p", "--prompt", required=True, help="the text to continue")
+    add_sampling_args(p, max_tokens=128)
+    add_runner_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="talk with a model using its chat template")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help=f"a .gguf path or a catalog name (default: {catalog.DEFAULT_MODEL}, pulled on first use)")
+    p.add_argument("--system", default=None, help="system message")
+    add_sampling_args(p, max_tokens=512)
+    add_runner_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file (llama.cpp's method)")
+    p.add_argument("model", metavar="MODEL", help="a .gguf path or a catalog name")
+    p.add_argument("-f", "--file", required=True, help="UTF-8 text file")
+    add_runner_args(p)
+    p.set_defaults(func=cmd_perplexity, ctx=512)
+
+    p = sub.add_parser("bench", help="prompt (pp) and generation (tg) speed, llama-bench style")
+    p.add_argument("model", metavar="MODEL", help="a .gguf path or a catalog name")
+    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (pp test)")
+    p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (tg test)")
+    p.add_argument("-r", "--repetitions", type=int, default=3)
+    add_runner_args(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plan", help="show which blocks go to the GPU and where every byte goes")
     p.add_argument("model", metavar="MODEL", help="a .gguf path or a catalog name")

@@ -1,0 +1,487 @@
+"""The ops of a transformer block on an NVIDIA GPU, through CuPy and `cuda_kernels.cu`.
+
+`CudaBackend` provides the interface of `backends.cpu.CpuBackend` (load_matrix, load_vector,
+kv_cache, from_host, to_host, matmul, rms_norm, rope, store_kv, attention, glu, add), so
+`model.PyBlock` runs unchanged on it. Activations are CuPy float32 C-contiguous arrays.
+
+Where the bytes go:
+- A weight matrix is copied to the GPU once, as its raw GGUF blocks (rows, row_bytes) uint8:
+  no dequantized copy lives on the device; the memory budget is the file's size.
+- Decode (n <= MMVQ_MAX_ROWS activation rows): the activations are quantized to 8-bit blocks
+  of 32 (one kernel, reused by every matmul of the same input) and each weight type has an
+  integer dot-product kernel (__dp4a), one warp per weight row, as llama.cpp's mmvq.
+- Prefill: the weight is dequantized to f16 into one scratch buffer (sized at load time for
+  the largest matrix, so running out of memory shows up at load, not mid-prompt) and cuBLAS
+  does x16 @ W16.T with f32 accumulation and f32 output (values stay out of f16 overflow).
+- Attention reads the f16 KV cache: one block per (head, query) for a few queries; for a
+  prompt chunk, two batched cuBLAS GEMMs per KV head group around a masked-softmax kernel.
+
+Numerics follow the CPU backend (llama.cpp's) where it is cheap to: f16 KV cache, Q rounded
+to f16 before Q.K, softmax summed in double and its probabilities rounded to f16 before P.V,
+GELU through ggml's f16 table, SiLU through ggml's vectorised expf (bit for bit), RMSNorm's
+squares summed in double, rope from the CPU's own cos/sin table (uploaded once per RopeSpec)
+with ggml's FMA rounding, so rope and GELU/SiLU are bit-identical to the CPU. Matmuls differ in
+activation quantization (q8 blocks of 32 here; q8_0/q8_1/q8_K on the CPU) and summation
+order, so results agree to about 1e-3 relative, not bit for bit.
+
+Importing this module needs CuPy; `backends.gpu_probe` says whether a GPU can be used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cupy as cp
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..errors import DeviceError, UnsupportedTensorTypeError
+from .cpu import Matrix, RopeSpec, _gelu_f16_table, rope_table
+
+KERNEL_SOURCE = Path(__file__).with_name("cuda_kernels.cu")
+_T = GGMLQuantizationType
+#: Types with an integer decode kernel (mmvq_<name>_{1,8}) and a dequantize kernel.
+QUANT_KERNELS: dict[int, str] = {
+    _T.Q4_0: "q4_0", _T.Q4_1: "q4_1", _T.Q5_0: "q5_0", _T.Q5_1: "q5_1", _T.Q8_0: "q8_0",
+    _T.Q2_K: "q2_k", _T.Q3_K: "q3_k", _T.Q4_K: "q4_k", _T.Q5_K: "q5_k", _T.Q6_K: "q6_k",
+}  # fmt: skip
+#: Float types: decode through mv_<name>_{1,8}, prefill through cuBLAS.
+FLOAT_KERNELS: dict[int, str] = {_T.F32: "f32", _T.F16: "f16", _T.BF16: "bf16"}
+SUPPORTED_TYPES = frozenset(QUANT_KERNELS) | frozenset(FLOAT_KERNELS)
+
+#: Up to this many activation rows a matmul uses the matrix-vector kernels (8 rows per launch);
+#: above, dequantize + cuBLAS. Reading a 4-bit weight 4 times costs about what writing and
+#: re-reading its f16 copy does.
+MMVQ_MAX_ROWS = 32
+#: Up to this many query rows attention uses the one-block-per-(head, query) kernel.
+ATTN_KERNEL_ROWS = 16
+_MV_ROWS_PER_BLOCK = 4  # warps (= weight rows) per block of the matrix-vector kernels
+
+# cuBLAS / CUDA enum values (cublas_api.h, library_types.h)
+_OP_N, _OP_T = 0, 1
+_CUDA_R_32F, _CUDA_R_16F = 0, 2
+_COMPUTE_32F = 68
+_GEMM_DEFAULT = -1
+_POINTER_MODE_HOST = 0
+
+_modules: dict[int, cp.RawModule] = {}
+
+
+def kernel_module(device_id: int) -> cp.RawModule:
+    """The compiled `cuda_kernels.cu` for a device (NVRTC; CuPy caches the binary on disk)."""
+    module = _modules.get(device_id)
+    if module is None:
+        try:
+            with cp.cuda.Device(device_id):
+                module = cp.RawModule(code=KERNEL_SOURCE.read_text(), options=("-std=c++17",))
+                module.compile()
+        except (ImportError, cp.cuda.compiler.CompileException, cp.cuda.runtime.CUDARuntimeError) as exc:
+            raise DeviceError(f"cannot compile {KERNEL_SOURCE.name} for GPU {device_id}: {exc}") from exc
+        _modules[device_id] = module
+    return module
+
+
+def cublas_module() -> Any:
+    """CuPy's cuBLAS bindings. Importing them loads libcublas, which a bare CuPy wheel may lack."""
+    try:
+        from cupy.cuda import cublas
+    except ImportError as exc:
+        raise DeviceError(
+            f"CuPy cannot load cuBLAS ({exc}); install the CUDA libraries, e.g. pip install 'cupy-cuda12x[ctk]'"
+        ) from None
+    return cublas
+
+
+def _i32(v: int) -> np.int32:
+    return np.int32(v)
+
+
+def _i64(v: int) -> np.int64:
+    return np.int64(v)
+
+
+def _blocks(n: int, per_block: int) -> int:
+    return (n + per_block - 1) // per_block
+
+
+class CudaBackend:
+    """Ops of a transformer block on one CUDA device; weights stay quantized in device memory.
+
+    Every method runs on the current CuPy stream of `device`; the constructor makes that device
+    current. Counters (`weights_bytes`, `kv_bytes`, `scratch_bytes`, `bytes_to_device`,
+    `bytes_to_host`) let callers compare what was loaded with what the planner expected.
+    """
+
+    name = "cuda"
+
+    def __init__(self, device: int = 0) -> None:
+        try:
+            self.device = cp.cuda.Device(device)
+            self.device.use()
+        except cp.cuda.runtime.CUDARuntimeError as exc:
+            raise DeviceError(f"CUDA device {device} is not usable: {exc}") from exc
+        self._cublas = cublas_module()  # prefill GEMMs; fail here, not in the first prompt
+        self._module = kernel_module(device)
+        self._functions: dict[str, Any] = {}
+        self.weights_bytes = 0
+        self.kv_bytes = 0
+        self.scratch_bytes = 0
+        self.bytes_to_device = 0
+        self.bytes_to_host = 0
+        self._w16: Any = None  # f16 scratch for the dequantized weight of one prefill matmul
+        self._gelu: Any = None  # ggml's GELU table (65536 f32), uploaded on first use
+        self._rope_tables: dict[RopeSpec, tuple[Any, Any]] = {}  # cos, sin (n_ctx, dim/2) f32
+        self._pinned: dict[str, np.ndarray] = {}  # "in"/"out" -> float32 view of pinned memory
+        self._pinned_event: Any = None  # completion of the last async host->device copy
+        # Last matmul input and its quantized (or f16) form: q/k/v and gate/up share an input.
+        self._x_cache: tuple[Any, str, tuple[Any, ...]] | None = None
+        self._one = np.ones(1, np.float32)
+        self._zero = np.zeros(1, np.float32)
+
+    # --- memory -------------------------------------------------------------------------
+    def load_matrix(self, m: Matrix) -> Matrix:
+        """Copy the raw GGUF rows (rows, row_bytes) to the device once; no dequantization."""
+        qtype = int(m.qtype)
+        if qtype not in SUPPORTED_TYPES:
+            raise UnsupportedTensorTypeError(
+                f"the CUDA backend has no kernel for {_T(qtype).name} matrices ({m.rows}x{m.cols})"
+            )
+        block, size = GGML_QUANT_SIZES[_T(qtype)]
+        row_bytes = m.cols // block * size
+        raw = np.ascontiguousarray(m.raw).reshape(m.rows, row_bytes)
+        if m.cols % 32 and qtype in QUANT_KERNELS:
+            raise ValueError(f"a {_T(qtype).name} matrix needs cols % 32 == 0, got {m.cols}")
+        dev = self._alloc(raw.nbytes, f"a {_T(qtype).name} {m.rows}x{m.cols} matrix", lambda: cp.asarray(raw))
+        self.weights_bytes += raw.nbytes
+        if qtype not in (_T.F32, _T.F16):  # dequantized to f16 for prefill GEMMs
+            self._reserve_w16(m.rows * m.cols)
+        return Matrix(dev, qtype, m.rows, m.cols)
+
+    def load_vector(self, v: np.ndarray) -> Any:
+        host = np.ascontiguousarray(v, dtype=np.float32)
+        dev = self._alloc(host.nbytes, f"a vector of {host.size}", lambda: cp.asarray(host))
+        self.weights_bytes += host.nbytes
+        return dev
+
+    def kv_cache(self, n_ctx: int, width: int) -> Any:
+        """A float16 (n_ctx, width) cache on the device, zeroed, like llama.cpp's default."""
+        nbytes = 2 * n_ctx * width
+        cache = self._alloc(nbytes, f"a KV cache of {n_ctx}x{width}", lambda: cp.zeros((n_ctx, width), cp.float16))
+        self.kv_bytes += nbytes
+        return cache
+
+    def from_host(self, x: np.ndarray) -> Any:
+        """Host (n, dim) float32 -> device, through a pinned staging buffer (async copy)."""
+        host = np.ascontiguousarray(x, dtype=np.float32)
+        if self._pinned_event is not None:  # the staging buffer may still be in flight
+            self._pinned_event.synchronize()
+        stage = self._pinned_view("in", host.size).reshape(host.shape)
+        np.copyto(stage, host)
+        dev = cp.empty(host.shape, cp.float32)
+        stream = cp.cuda.get_current_stream()
+        dev.set(stage, stream=stream)
+        self._pinned_event = stream.record()
+        self.bytes_to_device += host.nbytes
+        return dev
+
+    def to_host(self, x: Any) -> np.ndarray:
+        """Device -> a new host float32 array, through a pinned staging buffer."""
+        x = self._f32(x)
+        stage = self._pinned_view("out", x.size).reshape(x.shape)
+        x.get(out=stage)  # blocking: waits for the kernels that produce x
+        self.bytes_to_host += x.nbytes
+        return stage.copy()  # the staging buffer is reused by the next call
+
+    # --- ops ----------------------------------------------------------------------------
+    def matmul(self, w: Matrix, x: Any) -> Any:
+        """x (n, cols) @ W.T -> (n, rows) float32."""
+        x = self._f32(x)
+        n, k = x.shape
+        if k != w.cols:
+            raise ValueError(f"matmul: x has {k} columns, the matrix {w.rows}x{w.cols}")
+        out = cp.empty((n, w.rows), cp.float32)
+        if n <= MMVQ_MAX_ROWS:
+            self._matvec(w, x, out)
+        else:
+            self._gemm(w, x, out)
+        return out
+
+    def rms_norm(self, x: Any, w: Any, eps: float) -> Any:
+        """Row-wise RMSNorm of x (m, k) times w (k,) -> new (m, k)."""
+        x = self._f32(x)
+        k = x.shape[-1]
+        if w.shape != (k,):
+            raise ValueError(f"rms_norm: weight of shape {w.shape} for rows of {k}")
+        out = cp.empty_like(x)
+        threads = 256 if k >= 1024 else 128 if k >= 256 else 64
+        self._fn("rms_norm")((x.size // k,), (threads,), (x, w, out, _i32(k), np.float32(eps)))
+        return out
+
+    def rope(self, x: Any, pos0: int, rope: RopeSpec) -> None:
+        """Rotate x (n, heads, head_dim) in place for positions pos0..pos0+n-1."""
+        n, heads, head_dim = x.shape
+        if pos0 + n > rope.n_ctx:
+            raise ValueError(f"position {pos0 + n - 1} is past the rope table ({rope.n_ctx})")
+        if not x.flags.c_contiguous or x.dtype != cp.float32:
+            raise ValueError("rope works in place on a C-contiguous float32 array")
+        self._x_cache = None  # x may be a matmul input we hold in quantized form
+        cos, sin = self._rope_table(rope)
+        half = rope.dim // 2
+        total = n * heads * half
+        args = (x, _i32(n), _i32(heads), _i32(head_dim), _i32(half), _i32(pos0), cos, sin, _i32(rope.neox))
+        self._fn("rope")((_blocks(total, 256),), (256,), args)
+
+    def store_kv(self, cache: Any, pos0: int, rows: Any) -> None:
+        """Write rows (n, width) at pos0.. of a float16 cache, rounding to nearest even."""
+        rows = self._f32(rows)
+        n, width = rows.shape
+        if width != cache.shape[1] or pos0 < 0 or pos0 + n > cache.shape[0]:
+            raise ValueError(f"store_kv: {n}x{width} rows at {pos0} into a {cache.shape} cache")
+        count = n * width
+        self._fn("store_f16")((_blocks(count, 256),), (256,), (rows, cache, _i64(pos0 * width), _i64(count)))
+
+    def attention(self, q: Any, k_cache: Any, v_cache: Any, pos0: int, window: int, scale: float) -> Any:
+        """Causal GQA attention of q (n, n_heads, dk) over cache rows 0..pos0+n-1 -> (n, n_heads*dv).
+
+        Query t (position pos0+t) sees key j when j <= pos0+t and, with a window, pos0+t - j < window.
+        """
+        q = self._f32(q)
+        n, n_heads, dk = q.shape
+        n_kv = k_cache.shape[1] // dk
+        dv = v_cache.shape[1] // n_kv
+        if n_heads % n_kv or dv > 256 or dk % 2:
+            raise ValueError(f"attention: {n_heads} heads over {n_kv} KV heads, dk={dk} (even), dv={dv} (<= 256)")
+        if n <= ATTN_KERNEL_ROWS:
+            out = self._attention_rows(q, k_cache, v_cache, pos0, window, scale, n_kv, dv)
+        else:
+            out = self._attention_gemm(q, k_cache, v_cache, pos0, window, scale, n_kv, dv)
+        return out.reshape(n, n_heads * dv)
+
+    def glu(self, gate: Any, up: Any, activation: str) -> Any:
+        """act(gate) * up for gate, up (n, ffn_dim) -> new (n, ffn_dim)."""
+        gate, up = self._f32(gate), self._f32(up)
+        if activation == "silu":
+            act, table = 0, gate  # table unused; any device pointer will do
+        elif activation == "gelu_tanh":
+            act, table = 1, self._gelu_table()
+        else:
+            raise ValueError(f"unknown activation {activation!r}")
+        out = cp.empty_like(gate)
+        args = (gate, up, out, _i64(gate.size), _i32(gate.shape[-1]), _i32(act), table)
+        self._fn("glu")((_blocks(gate.size, 256),), (256,), args)
+        return out
+
+    def add(self, x: Any, y: Any) -> None:
+        """x += y in place (the residual stream)."""
+        self._x_cache = None
+        x += y
+
+    # --- matmul paths -------------------------------------------------------------------
+    def _matvec(self, w: Matrix, x: Any, out: Any) -> None:
+        """Matrix-vector kernels, 8 activation rows per launch (1 when there is only one)."""
+        n, k = x.shape
+        grid, block = (_blocks(w.rows, _MV_ROWS_PER_BLOCK),), (32, _MV_ROWS_PER_BLOCK)
+        row_bytes = _i64(w.raw.shape[1])
+        suffix = "1" if n == 1 else "8"
+        if w.qtype in FLOAT_KERNELS:
+            fn = self._fn(f"mv_{FLOAT_KERNELS[w.qtype]}_{suffix}")
+            for c0 in range(0, n, 8):
+                nc = min(8, n - c0)
+                fn(grid, block, (w.raw, row_bytes, _i32(w.rows), _i32(k), _i32(nc), x[c0:], out[c0:]))
+            return
+        yq, yds = self._quantized(x)  # (n, k) int8, (n, k/32, 4) f32
+        fn = self._fn(f"mmvq_{QUANT_KERNELS[w.qtype]}_{suffix}")
+        for c0 in range(0, n, 8):
+            nc = min(8, n - c0)
+            fn(grid, block, (w.raw, row_bytes, _i32(w.rows), _i32(k // 32), _i32(nc), yq[c0:], yds[c0:], out[c0:]))
+
+    def _quantized(self, x: Any) -> tuple[Any, Any]:
+        """x (n, k) -> 8-bit blocks: yq (n, k) int8, yds (n, k/32, 4) float32 (d, sum_lo, sum_hi, 0)."""
+        cached = self._cached(x, "q8")
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+        n, k = x.shape
+        if k % 32:
+            raise ValueError(f"quantized matmul needs a multiple of 32 columns, got {k}")
+        yq = cp.empty((n, k), cp.int8)
+        yds = cp.empty((n, k // 32, 4), cp.float32)
+        n_blocks = n * k // 32
+        self._fn("quantize_q8")((_blocks(n_blocks, 8),), (256,), (x, yq, yds, _i64(n_blocks)))
+        self._x_cache = (x, "q8", (yq, yds))
+        return yq, yds
+
+    def _gemm(self, w: Matrix, x: Any, out: Any) -> None:
+        """out (n, rows) f32 = x @ W.T with W in f16 (dequantized into scratch) via cuBLAS."""
+        n, k = x.shape
+        if w.qtype == _T.F32:
+            cp.matmul(x, w.raw.view(cp.float32).T, out=out)
+            return
+        x16 = self._cached(x, "f16")
+        if x16 is None:
+            x16 = x.astype(cp.float16)  # as ggml's cuBLAS path: activations to f16
+            self._x_cache = (x, "f16", x16)
+        w16 = self._weight_f16(w)
+        self._gemm_ex(_OP_T, _OP_N, w.rows, n, k, 1.0, w16, k, x16, k, out, w.rows)
+
+    def _weight_f16(self, w: Matrix) -> Any:
+        """The matrix as f16 (rows, cols): a view for F16, else dequantized into the scratch."""
+        if w.qtype == _T.F16:
+            return w.raw.view(cp.float16)
+        count = w.rows * w.cols
+        self._reserve_w16(count)
+        w16 = self._w16[:count].reshape(w.rows, w.cols)
+        if w.qtype == _T.BF16:
+            self._fn("bf16_to_f16")((_blocks(count, 256),), (256,), (w.raw, w16, _i64(count)))
+            return w16
+        nsub = w.cols // 32
+        total = w.rows * nsub  # one thread per sub-block of 32
+        args = (w.raw, _i64(w.raw.shape[1]), _i32(nsub), _i64(total), w16)
+        self._fn(f"dequant_{QUANT_KERNELS[w.qtype]}")((_blocks(total, 256),), (256,), args)
+        return w16
+
+    def _gemm_ex(
+        self, ta: int, tb: int, m: int, n: int, k: int, alpha: float,
+        a: Any, lda: int, b: Any, ldb: int, c: Any, ldc: int,
+        stride: tuple[int, int, int] | None = None, batch: int = 1,
+        a_offset: int = 0,
+    ) -> None:  # fmt: skip
+        """Column-major cuBLAS GEMM, f16 A and B, f32 C and accumulation: C = alpha op(A) op(B).
+
+        a_offset: elements (f16) from a's start; stride: (A, B, C) element strides of a batch.
+        """
+        cublas = self._cublas
+        handle = cp.cuda.device.get_cublas_handle()
+        cublas.setPointerMode(handle, _POINTER_MODE_HOST)
+        alpha_host = np.array([alpha], np.float32)
+        a_ptr = a.data.ptr + 2 * a_offset
+        if stride is None:
+            cublas.gemmEx(
+                handle, ta, tb, m, n, k, alpha_host.ctypes.data,
+                a_ptr, _CUDA_R_16F, lda, b.data.ptr, _CUDA_R_16F, ldb,
+                self._zero.ctypes.data, c.data.ptr, _CUDA_R_32F, ldc, _COMPUTE_32F, _GEMM_DEFAULT,
+            )  # fmt: skip
+        else:
+            cublas.gemmStridedBatchedEx(
+                handle, ta, tb, m, n, k, alpha_host.ctypes.data,
+                a_ptr, _CUDA_R_16F, lda, stride[0], b.data.ptr, _CUDA_R_16F, ldb, stride[1],
+                self._zero.ctypes.data, c.data.ptr, _CUDA_R_32F, ldc, stride[2],
+                batch, _COMPUTE_32F, _GEMM_DEFAULT,
+            )  # fmt: skip
+
+    # --- attention paths ----------------------------------------------------------------
+    def _attention_rows(self, q: Any, kc: Any, vc: Any, pos0: int, window: int, scale: float, n_kv: int, dv: int) -> Any:
+        n, n_heads, dk = q.shape
+        n_keys = pos0 + n if window <= 0 else min(pos0 + n, window)  # most keys a query sees
+        scores = cp.empty((n, n_heads, n_keys), cp.float32)
+        out = cp.empty((n, n_heads, dv), cp.float32)
+        threads = 128
+        shared = 4 * (dk + (threads // 32) * dv + 64)  # q, per-warp P.V, 32 doubles
+        args = (
+            q, kc, vc, scores, out, _i32(n_heads), _i32(n_kv), _i32(dk), _i32(dv),
+            _i32(pos0), _i32(window), np.float32(scale), _i32(n_keys),
+        )  # fmt: skip
+        self._fn("attn_rows")((n_heads, n), (threads,), args, shared_mem=shared)
+        return out
+
+    def _attention_gemm(self, q: Any, kc: Any, vc: Any, pos0: int, window: int, scale: float, n_kv: int, dv: int) -> Any:
+        """A prompt chunk: per KV head g, S = Q_g K_g^T (f32), P = softmax_f16(mask(S)), O = P V_g.
+
+        Q_g stacks the `group` heads sharing KV head g: q16 (n_heads, n, dk) f16, rows hh*n+t.
+        """
+        n, n_heads, dk = q.shape
+        group = n_heads // n_kv
+        start = max(0, pos0 - window + 1) if window > 0 else 0
+        nk = pos0 + n - start  # keys start..pos0+n-1
+        rows = group * n
+        q16 = q.transpose(1, 0, 2).astype(cp.float16, order="C")  # (n_heads, n, dk)
+        kstride, vstride = kc.shape[1], vc.shape[1]
+        scores = cp.empty((n_kv, rows, nk), cp.float32)
+        # column-major: S_g^T (nk, rows) = K_g (nk x dk, stored dk-major: op T) . Q_g^T
+        self._gemm_ex(
+            _OP_T, _OP_N, nk, rows, dk, scale, kc, kstride, q16, dk, scores, nk,
+            stride=(dk, rows * dk, rows * nk), batch=n_kv, a_offset=start * kstride,
+        )  # fmt: skip
+        probs = cp.empty((n_kv, rows, nk), cp.float16)
+        args = (scores, probs, _i32(n), _i32(nk), _i32(pos0), _i32(start), _i32(window))
+        self._fn("softmax_mask_f16")((n_kv * rows,), (256,), args)
+        o = cp.empty((n_kv, rows, dv), cp.float32)  # = (n_heads, n, dv)
+        # column-major: O_g^T (dv, rows) = V_g^T (dv x nk, ld vstride) . P_g^T (nk x rows)
+        self._gemm_ex(
+            _OP_N, _OP_N, dv, rows, nk, 1.0, vc, vstride, probs, nk, o, dv,
+            stride=(dv, rows * nk, rows * dv), batch=n_kv, a_offset=start * vstride,
+        )  # fmt: skip
+        return cp.ascontiguousarray(o.reshape(n_heads, n, dv).transpose(1, 0, 2))
+
+    # --- helpers ------------------------------------------------------------------------
+    def _fn(self, name: str) -> Any:
+        fn = self._functions.get(name)
+        if fn is None:
+            fn = self._functions[name] = self._module.get_function(name)
+        return fn
+
+    def _f32(self, x: Any) -> Any:
+        if isinstance(x, np.ndarray):
+            raise TypeError("the CUDA backend got a host array; move it with from_host() first")
+        return cp.ascontiguousarray(x, dtype=cp.float32)
+
+    def _cached(self, x: Any, kind: str) -> Any:
+        """The converted form of x when x is the last matmul input and nothing changed since.
+
+        Holding a reference to x keeps its memory from being reused, so identity is safe;
+        every in-place op of this backend (rope, add) clears the cache.
+        """
+        c = self._x_cache
+        if c is not None and c[0] is x and c[1] == kind:
+            return c[2]
+        return None
+
+    def _rope_table(self, rope: RopeSpec) -> tuple[Any, Any]:
+        """The CPU backend's cos/sin (n_ctx, dim/2) on the device, once per RopeSpec (bit-identical angles)."""
+        table = self._rope_tables.get(rope)
+        if table is None:
+            cos, sin = rope_table(rope)
+            nbytes = cos.nbytes + sin.nbytes
+            table = self._alloc(nbytes, f"a rope table of {cos.shape}", lambda: (cp.asarray(cos), cp.asarray(sin)))
+            self._rope_tables[rope] = table
+            self.scratch_bytes += nbytes
+        return table
+
+    def _gelu_table(self) -> Any:
+        if self._gelu is None:
+            table = _gelu_f16_table()
+            self._gelu = self._alloc(table.nbytes, "the GELU table", lambda: cp.asarray(table))
+            self.scratch_bytes += table.nbytes
+        return self._gelu
+
+    def _reserve_w16(self, count: int) -> None:
+        """Grow the f16 dequantization scratch to at least `count` elements."""
+        have = 0 if self._w16 is None else self._w16.size
+        if count > have:
+            self._w16 = None  # let the pool reuse the old buffer for the new one
+            self._w16 = self._alloc(2 * count, "the f16 dequantization scratch", lambda: cp.empty(count, cp.float16))
+            self.scratch_bytes += 2 * (count - have)
+
+    def _pinned_view(self, key: str, count: int) -> np.ndarray:
+        """A float32 view of `count` elements of a pinned host buffer (grown by doubling)."""
+        buf = self._pinned.get(key)
+        if buf is None or buf.size < count:
+            size = max(count, 2 * (0 if buf is None else buf.size), 1 << 14)
+            mem = cp.cuda.alloc_pinned_memory(4 * size)
+            buf = self._pinned[key] = np.frombuffer(mem, np.float32, size)
+        return buf[:count]
+
+    def _alloc(self, nbytes: int, what: str, make: Any) -> Any:
+        """Run an allocation; out of device memory becomes DeviceError with asked/free bytes."""
+        try:
+            return make()
+        except cp.cuda.memory.OutOfMemoryError as exc:
+            free, total = cp.cuda.runtime.memGetInfo()
+            free += cp.get_default_memory_pool().free_bytes()  # cached by CuPy, reusable
+            err = DeviceError(
+                f"GPU out of memory loading {what}: asked for {nbytes} bytes, {free} free of {total} "
+                f"(this backend holds {self.weights_bytes + self.kv_bytes + self.scratch_bytes}); "
+                "place fewer blocks on the GPU"
+            )
+            err.asked_bytes, err.free_bytes = nbytes, free  # type: ignore[attr-defined]
+            raise err from exc

@@ -1,0 +1,780 @@
+// CUDA kernels of hybridllm's GPU backend (backends/cuda.py loads this file with
+// cupy.RawModule(code=..., options=("-std=c++17",)); every kernel is extern "C").
+//
+// Why it is written this way:
+// - NVRTC has no C/C++ standard headers, so this file includes none: fixed-width types are
+//   typedefs, f16 <-> f32 and dp4a are inline PTX, -inf is a bit pattern.
+// - The per-block decoding of every GGML type (`unpack<T>`), the sub-block dot product and the
+//   per-lane part of the matrix-vector kernel are __host__ __device__, so a host test compiled
+//   with nvcc (tests/test_cuda_backend.py) checks them against gguf.quants without a GPU.
+// - Weights stay as raw GGUF blocks in device memory. Decode (a few activation rows) quantizes
+//   the activations to 8-bit blocks of 32 once per matmul and does integer dot products with
+//   __dp4a, one warp per weight row (llama.cpp's mmvq scheme). Prefill dequantizes the weight
+//   to f16 into a scratch buffer and lets cuBLAS do the GEMM (f16 in, f32 accumulate/out).
+//
+// The one trick that keeps every type in one kernel: a 32-element sub-block of any type is
+// unpacked into `Sub` = 32 small integers q (packed 4 per int, as dp4a wants them) plus, for
+// each 16-element half, a scale and an offset, such that
+//     w[e] = dl * q[e] + ml   (e < 16),     w[e] = dh * q[e] + mh   (e >= 16).
+// Then  sum_e w[e] * x~[e] = dx * (dl * sum_lo(q*qx) + dh * sum_hi(q*qx)) + ml*S_lo + mh*S_hi,
+// where x~ = dx * qx is the 8-bit activation block and S_lo/S_hi = dx * (sums of qx over the
+// block's halves). Offsets like Q4_0's "-8" become ml = -8*d, so q stays an unsigned nibble.
+// Using the sums of the quantized x (llama.cpp's mmvq uses the float sums) makes the result
+// exactly W . x~: the only error is the 8-bit rounding of x, as in the CPU's integer kernels.
+
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+#define HD __host__ __device__ __forceinline__
+
+// GGML type numbers (gguf.GGMLQuantizationType).
+#define T_F32 0
+#define T_F16 1
+#define T_Q4_0 2
+#define T_Q4_1 3
+#define T_Q5_0 6
+#define T_Q5_1 7
+#define T_Q8_0 8
+#define T_Q2_K 10
+#define T_Q3_K 11
+#define T_Q4_K 12
+#define T_Q5_K 13
+#define T_Q6_K 14
+#define T_BF16 30
+
+// ---------------------------------------------------------------------------------------------
+// scalar helpers
+// ---------------------------------------------------------------------------------------------
+HD float h2f(u16 h) {
+#ifdef __CUDA_ARCH__
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#else
+    const u32 sign = (u32)(h & 0x8000u) << 16;
+    const u32 exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    u32 bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp == 0) {
+        const float f = (float)man * 5.9604644775390625e-08f;  // subnormal: man * 2^-24, exact
+        return sign ? -f : f;
+    } else {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    }
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+HD float bf2f(u16 h) {
+#ifdef __CUDA_ARCH__
+    return __int_as_float((int)((u32)h << 16));
+#else
+    const u32 bits = (u32)h << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+__device__ __forceinline__ u16 f2h(float f) {  // round to nearest even, as numpy's astype
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float round_f16(float f) { return h2f(f2h(f)); }
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+// 4 x int8 dot product + accumulator (sm_61+).
+HD int dp4a(int a, int b, int c) {
+#ifdef __CUDA_ARCH__
+    int r;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+#else
+    for (int i = 0; i < 4; ++i) c += (int)(i8)(a >> (8 * i)) * (int)(i8)(b >> (8 * i));
+    return c;
+#endif
+}
+
+// Single-rounding float ops that the compiler may not contract or reorder (ggml's exact bits).
+HD float fma_rn(float a, float b, float c) {
+#ifdef __CUDA_ARCH__
+    return __fmaf_rn(a, b, c);
+#else
+    return fmaf(a, b, c);
+#endif
+}
+HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+HD float pow2i(int n) {  // 2^n for n in [-126, 127], exact
+    const u32 bits = (u32)(n + 127) << 23;
+#ifdef __CUDA_ARCH__
+    return __uint_as_float(bits);
+#else
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+// Every GGML block size is even and cudaMalloc'd rows start 256-aligned, so any field at an
+// even offset can be read with 16-bit loads; 32-bit words are assembled from two of them.
+HD u16 ld16(const u8* p) { return *(const u16*)p; }
+HD u32 ld32(const u8* p) {
+    const u16* q = (const u16*)p;
+    return (u32)q[0] | ((u32)q[1] << 16);
+}
+
+// Spread 4 bits (b0..b3) of h to bit 4 of each byte (Q5_0/Q5_1 high bits).
+HD u32 spread4_bit4(u32 h) {
+    return ((h & 1u) << 4) | ((h & 2u) << 11) | ((h & 4u) << 18) | ((h & 8u) << 25);
+}
+
+// ---------------------------------------------------------------------------------------------
+// block layouts
+// ---------------------------------------------------------------------------------------------
+template <int T> struct Traits;
+template <> struct Traits<T_Q4_0> { static constexpr int qk = 32, bytes = 18; };
+template <> struct Traits<T_Q4_1> { static constexpr int qk = 32, bytes = 20; };
+template <> struct Traits<T_Q5_0> { static constexpr int qk = 32, bytes = 22; };
+template <> struct Traits<T_Q5_1> { static constexpr int qk = 32, bytes = 24; };
+template <> struct Traits<T_Q8_0> { static constexpr int qk = 32, bytes = 34; };
+template <> struct Traits<T_Q2_K> { static constexpr int qk = 256, bytes = 84; };
+template <> struct Traits<T_Q3_K> { static constexpr int qk = 256, bytes = 110; };
+template <> struct Traits<T_Q4_K> { static constexpr int qk = 256, bytes = 144; };
+template <> struct Traits<T_Q5_K> { static constexpr int qk = 256, bytes = 176; };
+template <> struct Traits<T_Q6_K> { static constexpr int qk = 256, bytes = 210; };
+
+// One 32-element sub-block: q[i] packs elements 4i..4i+3 (byte b = element 4i+b), int8 each.
+struct Sub {
+    int q[8];
+    float dl, dh;  // scale of elements 0..15 and 16..31
+    float ml, mh;  // offset of elements 0..15 and 16..31
+};
+
+// unpack<T>(b, s, u): sub-block s (0 .. qk/32-1) of the block starting at b.
+template <int T> HD void unpack(const u8* b, int s, Sub& u);
+
+// Q4_0: d f16 | qs[16]; element l < 16 is the low nibble of qs[l], l >= 16 the high nibble
+// of qs[l-16]; w = d * (q - 8).
+template <> HD void unpack<T_Q4_0>(const u8* b, int, Sub& u) {
+    const float d = h2f(ld16(b));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 v = ld32(b + 2 + 4 * i);
+        u.q[i] = (int)(v & 0x0f0f0f0fu);
+        u.q[4 + i] = (int)((v >> 4) & 0x0f0f0f0fu);
+    }
+    u.dl = u.dh = d;
+    u.ml = u.mh = -8.0f * d;
+}
+
+// Q4_1: d f16 | m f16 | qs[16]; w = d * q + m.
+template <> HD void unpack<T_Q4_1>(const u8* b, int, Sub& u) {
+    const float d = h2f(ld16(b)), m = h2f(ld16(b + 2));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 v = ld32(b + 4 + 4 * i);
+        u.q[i] = (int)(v & 0x0f0f0f0fu);
+        u.q[4 + i] = (int)((v >> 4) & 0x0f0f0f0fu);
+    }
+    u.dl = u.dh = d;
+    u.ml = u.mh = m;
+}
+
+// Q5_0: d f16 | qh u32 (bit l = 5th bit of element l) | qs[16]; w = d * (q - 16).
+template <> HD void unpack<T_Q5_0>(const u8* b, int, Sub& u) {
+    const float d = h2f(ld16(b));
+    const u32 qh = ld32(b + 2);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 v = ld32(b + 6 + 4 * i);
+        u.q[i] = (int)((v & 0x0f0f0f0fu) | spread4_bit4(qh >> (4 * i)));
+        u.q[4 + i] = (int)(((v >> 4) & 0x0f0f0f0fu) | spread4_bit4(qh >> (16 + 4 * i)));
+    }
+    u.dl = u.dh = d;
+    u.ml = u.mh = -16.0f * d;
+}
+
+// Q5_1: d f16 | m f16 | qh u32 | qs[16]; w = d * q + m.
+template <> HD void unpack<T_Q5_1>(const u8* b, int, Sub& u) {
+    const float d = h2f(ld16(b)), m = h2f(ld16(b + 2));
+    const u32 qh = ld32(b + 4);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 v = ld32(b + 8 + 4 * i);
+        u.q[i] = (int)((v & 0x0f0f0f0fu) | spread4_bit4(qh >> (4 * i)));
+        u.q[4 + i] = (int)(((v >> 4) & 0x0f0f0f0fu) | spread4_bit4(qh >> (16 + 4 * i)));
+    }
+    u.dl = u.dh = d;
+    u.ml = u.mh = m;
+}
+
+// Q8_0: d f16 | qs[32] int8; w = d * q.
+template <> HD void unpack<T_Q8_0>(const u8* b, int, Sub& u) {
+    const float d = h2f(ld16(b));
+#pragma unroll
+    for (int i = 0; i < 8; ++i) u.q[i] = (int)ld32(b + 2 + 4 * i);
+    u.dl = u.dh = d;
+    u.ml = u.mh = 0.0f;
+}
+
+// Q2_K (256 elements): scales[16] (low nibble scale, high nibble min, per 16) | qs[64] | d | dmin.
+// Element e = 128*half + 32*sh + l is bits 2sh..2sh+1 of qs[32*half + l]; sub-block s = e/32
+// so half = s/4, sh = s%4; w = d*sc*q - dmin*m with (sc, m) of the 16-group e/16.
+template <> HD void unpack<T_Q2_K>(const u8* b, int s, Sub& u) {
+    const float d = h2f(ld16(b + 80)), dmin = h2f(ld16(b + 82));
+    const int half = s >> 2, sh = 2 * (s & 3);
+    const u8* qs = b + 16 + 32 * half;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) u.q[i] = (int)((ld32(qs + 4 * i) >> sh) & 0x03030303u);
+    const u8 s0 = b[2 * s], s1 = b[2 * s + 1];
+    u.dl = d * (float)(s0 & 0xf);
+    u.dh = d * (float)(s1 & 0xf);
+    u.ml = -dmin * (float)(s0 >> 4);
+    u.mh = -dmin * (float)(s1 >> 4);
+}
+
+// Q3_K: hmask[32] | qs[64] | scales[12] (16 x 6-bit, offset 32) | d.
+// Element e = 32s + l: low 2 bits from qs like Q2_K; bit s of hmask[l] set means +0, clear
+// means -4. Here q = low | hbit<<2 in 0..7 and the -4 goes into the offset (ml = -4 dl).
+HD int q3k_scale(const u8* sc, int j) {
+    const int low = j < 8 ? (sc[j] & 0xf) : (sc[j - 8] >> 4);
+    const int high = (sc[8 + (j & 3)] >> (2 * (j >> 2))) & 3;
+    return (low | (high << 4)) - 32;
+}
+template <> HD void unpack<T_Q3_K>(const u8* b, int s, Sub& u) {
+    const float d = h2f(ld16(b + 108));
+    const int half = s >> 2, sh = 2 * (s & 3);
+    const u8* qs = b + 32 + 32 * half;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const u32 low = (ld32(qs + 4 * i) >> sh) & 0x03030303u;
+        const u32 hb = (ld32(b + 4 * i) >> s) & 0x01010101u;
+        u.q[i] = (int)(low | (hb << 2));
+    }
+    u.dl = d * (float)q3k_scale(b + 96, 2 * s);
+    u.dh = d * (float)q3k_scale(b + 96, 2 * s + 1);
+    u.ml = -4.0f * u.dl;
+    u.mh = -4.0f * u.dh;
+}
+
+// Q4_K/Q5_K scales: 8 pairs of 6-bit (scale, min) packed in 12 bytes (ggml's get_scale_min_k4).
+HD void k4_scale_min(const u8* sc, int j, int& scale, int& mn) {
+    if (j < 4) {
+        scale = sc[j] & 63;
+        mn = sc[j + 4] & 63;
+    } else {
+        scale = (sc[j + 4] & 0xf) | ((sc[j - 4] >> 6) << 4);
+        mn = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+    }
+}
+
+// Q4_K: d | dmin | scales[12] | qs[128]. Sub-block s reads the nibble s%2 of qs[32*(s/2) + l].
+template <> HD void unpack<T_Q4_K>(const u8* b, int s, Sub& u) {
+    const float d = h2f(ld16(b)), dmin = h2f(ld16(b + 2));
+    const u8* qs = b + 16 + 32 * (s >> 1);
+    const int sh = 4 * (s & 1);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) u.q[i] = (int)((ld32(qs + 4 * i) >> sh) & 0x0f0f0f0fu);
+    int sc, mn;
+    k4_scale_min(b + 4, s, sc, mn);
+    u.dl = u.dh = d * (float)sc;
+    u.ml = u.mh = -dmin * (float)mn;
+}
+
+// Q5_K: d | dmin | scales[12] | qh[32] (bit s of qh[l] = 5th bit of element 32s+l) | qs[128].
+template <> HD void unpack<T_Q5_K>(const u8* b, int s, Sub& u) {
+    const float d = h2f(ld16(b)), dmin = h2f(ld16(b + 2));
+    const u8* qs = b + 48 + 32 * (s >> 1);
+    const int sh = 4 * (s & 1);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const u32 low = (ld32(qs + 4 * i) >> sh) & 0x0f0f0f0fu;
+        const u32 hb = (ld32(b + 16 + 4 * i) >> s) & 0x01010101u;
+        u.q[i] = (int)(low | (hb << 4));
+    }
+    int sc, mn;
+    k4_scale_min(b + 4, s, sc, mn);
+    u.dl = u.dh = d * (float)sc;
+    u.ml = u.mh = -dmin * (float)mn;
+}
+
+// Q6_K: ql[128] | qh[64] | scales[16] int8 | d. Element e = 128*half + 32*w + l (w = s%4):
+// low nibble (w/2) of ql[64*half + 32*(w%2) + l], bits 2w..2w+1 of qh[32*half + l];
+// w = d * sc[e/16] * (q - 32), q in 0..63.
+template <> HD void unpack<T_Q6_K>(const u8* b, int s, Sub& u) {
+    const float d = h2f(ld16(b + 208));
+    const int half = s >> 2, w = s & 3;
+    const u8* ql = b + 64 * half + 32 * (w & 1);
+    const u8* qh = b + 128 + 32 * half;
+    const int lsh = 4 * (w >> 1), hsh = 2 * w;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const u32 low = (ld32(ql + 4 * i) >> lsh) & 0x0f0f0f0fu;
+        const u32 high = (ld32(qh + 4 * i) >> hsh) & 0x03030303u;
+        u.q[i] = (int)(low | (high << 4));
+    }
+    const i8* sc = (const i8*)(b + 192);
+    u.dl = d * (float)sc[2 * s];
+    u.dh = d * (float)sc[2 * s + 1];
+    u.ml = -32.0f * u.dl;
+    u.mh = -32.0f * u.dh;
+}
+
+// Dequantized value of element e (0..31) of an unpacked sub-block.
+HD float sub_value(const Sub& u, int e) {
+    const int q = (int)(i8)(u.q[e >> 2] >> (8 * (e & 3)));
+    return e < 16 ? u.dl * (float)q + u.ml : u.dh * (float)q + u.mh;
+}
+
+// Dot product of an unpacked weight sub-block with an 8-bit activation block:
+// y = 8 ints (32 int8), dy its scale, s_lo/s_hi = dy * (sum of y over each half).
+HD float sub_dot(const Sub& u, const int* y, float dy, float s_lo, float s_hi) {
+    int lo = 0, hi = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        lo = dp4a(u.q[i], y[i], lo);
+        hi = dp4a(u.q[4 + i], y[4 + i], hi);
+    }
+    return dy * (u.dl * (float)lo + u.dh * (float)hi) + u.ml * s_lo + u.mh * s_hi;
+}
+
+// ---------------------------------------------------------------------------------------------
+// warp / block reductions
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum/max for blockDim.x a multiple of 32 (<= 1024); red: >= 32 entries of shared
+// memory. Every thread gets the result; the trailing barrier lets red be reused at once.
+__device__ double block_sum_d(double v, double* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_d(v);
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    double r = 0.0;
+    for (int w = 0; w < nw; ++w) r += red[w];
+    __syncthreads();
+    return r;
+}
+__device__ float block_max(float v, float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float r = red[0];
+    for (int w = 1; w < nw; ++w) r = fmaxf(r, red[w]);
+    __syncthreads();
+    return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// activations -> 8-bit blocks of 32 (llama.cpp's q8_1, stored planar)
+// ---------------------------------------------------------------------------------------------
+// x (n, k) f32 -> yq (n, k) int8 and yds (n, k/32) float4 (d, d * sum of q over elements
+// 0..15, d * sum over 16..31, 0). One warp per block of 32: lane l owns element l. k % 32 == 0.
+extern "C" __global__ void __launch_bounds__(256)
+quantize_q8(const float* __restrict__ x, i8* __restrict__ yq, float4* __restrict__ yds, i64 n_blocks) {
+    const i64 blk = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (blk >= n_blocks) return;  // whole warps leave together
+    const float v = x[blk * 32 + lane];
+    const float amax = warp_max(fabsf(v));
+    const float d = amax / 127.0f;
+    const int q = amax == 0.0f ? 0 : (int)roundf(v / d);  // as llama.cpp: half away from zero
+    yq[blk * 32 + lane] = (i8)q;
+    // sums of q over each 16-lane half (exact ints): xor offsets below 16 stay inside the half
+    int s = q;
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    const int s_hi = __shfl_sync(0xffffffffu, s, 16);
+    if (lane == 0) {
+        float4 ds;
+        ds.x = d;
+        ds.y = d * (float)s;
+        ds.z = d * (float)s_hi;
+        ds.w = 0.0f;
+        yds[blk] = ds;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// decode matmul: out (ncols, rows) = x (ncols, k) @ W.T, W raw GGUF rows, ncols <= NC
+// ---------------------------------------------------------------------------------------------
+// The work of one lane of the warp that owns `row`: sub-blocks lane, lane+32, ... of the row.
+// acc[c] gets this lane's partial sum for activation row c (the kernel sums the warp).
+template <int T, int NC>
+HD void mmvq_lane(const u8* W, i64 row_bytes, int row, int lane, int nsub, int ncols,
+                  const int* yq, const float4* yds, float* acc) {
+    constexpr int spb = Traits<T>::qk / 32;  // sub-blocks per block
+    const u8* wrow = W + (i64)row * row_bytes;
+    for (int s = lane; s < nsub; s += 32) {
+        Sub u;
+        unpack<T>(wrow + (i64)(s / spb) * Traits<T>::bytes, s % spb, u);
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            if (c < ncols) {
+                const i64 sb = (i64)c * nsub + s;
+                const int4* yp = (const int4*)(yq + sb * 8);  // 32 int8 = 2 x int4, 32-aligned
+                const int4 a = yp[0], bq = yp[1];
+                const int y[8] = {a.x, a.y, a.z, a.w, bq.x, bq.y, bq.z, bq.w};
+                const float4 ds = yds[sb];
+                acc[c] += sub_dot(u, y, ds.x, ds.y, ds.z);
+            }
+        }
+    }
+}
+
+// blockDim (32, R): warp threadIdx.y owns row blockIdx.x * R + threadIdx.y.
+template <int T, int NC>
+__device__ void mmvq(const u8* __restrict__ W, i64 row_bytes, int rows, int nsub, int ncols,
+                     const int* __restrict__ yq, const float4* __restrict__ yds, float* __restrict__ out) {
+    const int row = blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= rows) return;  // whole warp
+    float acc[NC];
+#pragma unroll
+    for (int c = 0; c < NC; ++c) acc[c] = 0.0f;
+    mmvq_lane<T, NC>(W, row_bytes, row, threadIdx.x, nsub, ncols, yq, yds, acc);
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+        const float v = warp_sum(acc[c]);
+        if (threadIdx.x == 0 && c < ncols) out[(i64)c * rows + row] = v;
+    }
+}
+
+// Float weights (F32, F16, BF16): no activation quantization, x read as f32.
+template <int T> HD float ldw(const u8* row, int e);
+template <> HD float ldw<T_F32>(const u8* row, int e) { return ((const float*)row)[e]; }
+template <> HD float ldw<T_F16>(const u8* row, int e) { return h2f(((const u16*)row)[e]); }
+template <> HD float ldw<T_BF16>(const u8* row, int e) { return bf2f(((const u16*)row)[e]); }
+
+template <int T, int NC>
+HD void mv_float_lane(const u8* W, i64 row_bytes, int row, int lane, int cols, int ncols,
+                      const float* x, float* acc) {
+    const u8* wrow = W + (i64)row * row_bytes;
+    for (int e = lane; e < cols; e += 32) {
+        const float w = ldw<T>(wrow, e);
+#pragma unroll
+        for (int c = 0; c < NC; ++c)
+            if (c < ncols) acc[c] += w * x[(i64)c * cols + e];
+    }
+}
+
+template <int T, int NC>
+__device__ void mv_float(const u8* __restrict__ W, i64 row_bytes, int rows, int cols, int ncols,
+                         const float* __restrict__ x, float* __restrict__ out) {
+    const int row = blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= rows) return;
+    float acc[NC];
+#pragma unroll
+    for (int c = 0; c < NC; ++c) acc[c] = 0.0f;
+    mv_float_lane<T, NC>(W, row_bytes, row, threadIdx.x, cols, ncols, x, acc);
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+        const float v = warp_sum(acc[c]);
+        if (threadIdx.x == 0 && c < ncols) out[(i64)c * rows + row] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// prefill: W raw -> f16 (rows, cols) for cuBLAS; one thread per 32-element sub-block
+// ---------------------------------------------------------------------------------------------
+template <int T>
+__device__ void dequant_f16(const u8* __restrict__ W, i64 row_bytes, int nsub, i64 total, u16* __restrict__ out) {
+    const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= total) return;
+    constexpr int spb = Traits<T>::qk / 32;
+    const i64 row = idx / nsub;
+    const int s = (int)(idx % nsub);
+    Sub u;
+    unpack<T>(W + row * row_bytes + (i64)(s / spb) * Traits<T>::bytes, s % spb, u);
+    u32 packed[16];
+#pragma unroll
+    for (int e = 0; e < 32; e += 2)
+        packed[e / 2] = (u32)f2h(sub_value(u, e)) | ((u32)f2h(sub_value(u, e + 1)) << 16);
+    uint4* dst = (uint4*)(out + idx * 32);  // 64-byte aligned: cols % 32 == 0
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        uint4 v;
+        v.x = packed[4 * i];
+        v.y = packed[4 * i + 1];
+        v.z = packed[4 * i + 2];
+        v.w = packed[4 * i + 3];
+        dst[i] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the extern "C" entry points (instantiating every template, so `nvcc -c` checks them all)
+// ---------------------------------------------------------------------------------------------
+#define QUANT_KERNELS(NAME, T)                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) mmvq_##NAME##_1(                             \
+        const u8* W, i64 rb, int rows, int nsub, int ncols, const int* yq, const float4* yds,      \
+        float* out) { mmvq<T, 1>(W, rb, rows, nsub, ncols, yq, yds, out); }                        \
+    extern "C" __global__ void __launch_bounds__(128) mmvq_##NAME##_8(                             \
+        const u8* W, i64 rb, int rows, int nsub, int ncols, const int* yq, const float4* yds,      \
+        float* out) { mmvq<T, 8>(W, rb, rows, nsub, ncols, yq, yds, out); }                        \
+    extern "C" __global__ void __launch_bounds__(256) dequant_##NAME(                              \
+        const u8* W, i64 rb, int nsub, i64 total, u16* out) { dequant_f16<T>(W, rb, nsub, total, out); }
+
+QUANT_KERNELS(q4_0, T_Q4_0)
+QUANT_KERNELS(q4_1, T_Q4_1)
+QUANT_KERNELS(q5_0, T_Q5_0)
+QUANT_KERNELS(q5_1, T_Q5_1)
+QUANT_KERNELS(q8_0, T_Q8_0)
+QUANT_KERNELS(q2_k, T_Q2_K)
+QUANT_KERNELS(q3_k, T_Q3_K)
+QUANT_KERNELS(q4_k, T_Q4_K)
+QUANT_KERNELS(q5_k, T_Q5_K)
+QUANT_KERNELS(q6_k, T_Q6_K)
+
+#define FLOAT_KERNELS(NAME, T)                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) mv_##NAME##_1(                               \
+        const u8* W, i64 rb, int rows, int cols, int ncols, const float* x, float* out) {          \
+        mv_float<T, 1>(W, rb, rows, cols, ncols, x, out);                                          \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) mv_##NAME##_8(                               \
+        const u8* W, i64 rb, int rows, int cols, int ncols, const float* x, float* out) {          \
+        mv_float<T, 8>(W, rb, rows, cols, ncols, x, out);                                          \
+    }
+
+FLOAT_KERNELS(f32, T_F32)
+FLOAT_KERNELS(f16, T_F16)
+FLOAT_KERNELS(bf16, T_BF16)
+
+// BF16 (rows, cols) -> f16 for the prefill GEMM (bf16 weights outside f16's range become inf,
+// which real checkpoints do not have).
+extern "C" __global__ void __launch_bounds__(256)
+bf16_to_f16(const u16* __restrict__ src, u16* __restrict__ dst, i64 n) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = f2h(bf2f(src[i]));
+}
+
+// KV cache store: rows (n, width) f32 -> cache rows pos0.. f16, round to nearest even.
+// offset = pos0 * width; count = n * width.
+extern "C" __global__ void __launch_bounds__(256)
+store_f16(const float* __restrict__ src, u16* __restrict__ cache, i64 offset, i64 count) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < count) cache[offset + i] = f2h(src[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: out[i, :] = (x[i, :] * 1/sqrt(mean(x^2) + eps)) * w; one block per row.
+// ggml squares in float, sums in double and forms the scale in float; so do we.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(256)
+rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ out, int k, float eps) {
+    __shared__ double red[32];
+    const float* xr = x + (i64)blockIdx.x * k;
+    float* orow = out + (i64)blockIdx.x * k;
+    double acc = 0.0;
+    for (int j = threadIdx.x; j < k; j += blockDim.x) acc += (double)__fmul_rn(xr[j], xr[j]);
+    acc = block_sum_d(acc, red);
+    const float mean = (float)(acc / (double)k);
+    const float scale = 1.0f / sqrtf(mean + eps);
+    for (int j = threadIdx.x; j < k; j += blockDim.x) orow[j] = (xr[j] * scale) * w[j];
+}
+
+// ---------------------------------------------------------------------------------------------
+// rope, in place on x (n, heads, head_dim), positions pos0..pos0+n-1; one thread per pair.
+// cos/sin (n_ctx, half) are the CPU backend's table (ggml's angles, libm's cosf/sinf), and the
+// rotation rounds like ggml's compiled loop, so the result is the CPU's bit for bit.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(256)
+rope(float* __restrict__ x, int n, int heads, int head_dim, int half, int pos0,
+     const float* __restrict__ cos_table, const float* __restrict__ sin_table, int neox) {
+    const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (i64)n * heads * half) return;
+    const int i = (int)(idx % half);
+    const i64 th = idx / half;  // t * heads + h
+    const i64 p = pos0 + th / heads;
+    const float cs = cos_table[p * half + i], sn = sin_table[p * half + i];
+    float* row = x + th * head_dim;
+    const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+    const float x0 = row[a], x1 = row[b];
+    row[a] = __fmaf_rn(x0, cs, -__fmul_rn(x1, sn));
+    row[b] = __fmaf_rn(x0, sn, __fmul_rn(x1, cs));
+}
+
+// ---------------------------------------------------------------------------------------------
+// gated FFN activation: out = act(gate) * up over rows of k. act 0: SiLU as ggml's CPU
+// (ggml_v_expf on the 16-wide SIMD part of a row, libm-like expf on its tail); act 1: GELU(tanh)
+// through ggml's f16 table (the CPU backend's table, so the values match bit for bit).
+// ---------------------------------------------------------------------------------------------
+// ggml_v_expf (ARM optimized-routines expf, ggml-cpu/vec.h) for one lane: same FMAs, same
+// polynomial, so the same bits as the CPU's SIMD SiLU. |x| < ~87 gives the fast path.
+HD float ggml_v_expf(float x) {
+    const float shift = 12582912.0f;  // 0x1.8p23: adding it rounds to an integer
+    const float z = fma_rn(x, 0x1.715476p+0f, shift);
+    const float n = z - shift;
+    const float b = fma_rn(-n, 0x1.7f7d1cp-20f, fma_rn(-n, 0x1.62e4p-1f, x));
+    const float u = mul_rn(b, b);
+    const float j = fma_rn(fma_rn(fma_rn(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
+                                  fma_rn(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
+                           u, fma_rn(0x1.ffffecp-1f, b, 1.0f));
+    if (fabsf(n) > 126.0f) return n < 0.0f ? 0.0f : pow2i(128);  // 2^128: +inf
+    return mul_rn(j, pow2i((int)n));
+}
+
+// ggml_vec_swiglu_f32 for element `col` of a row of k: SIMD lanes (the first k - k%16) use
+// ggml_v_expf, the tail expf; silu(g) * u with one rounding per op.
+HD float swiglu_value(float g, float u, int col, int k) {
+    const float e = col < k - k % 16 ? ggml_v_expf(-g) : expf(-g);
+    return mul_rn(g / (1.0f + e), u);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+glu(const float* __restrict__ gate, const float* __restrict__ up, float* __restrict__ out, i64 n,
+    int k, int act, const float* __restrict__ gelu_table) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float g = gate[i], u = up[i];
+    float y;
+    if (act == 0) {
+        y = swiglu_value(g, u, (int)(i % k), k);
+    } else if (g <= -10.0f) {
+        y = 0.0f;
+    } else if (g >= 10.0f) {
+        y = g * u;
+    } else {
+        y = gelu_table[f2h(g)] * u;
+    }
+    out[i] = y;
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention for a few query rows (decode): one block per (head, query row).
+// q (n, n_heads, dk) f32; caches (n_ctx, n_kv*d) f16; scores (n, n_heads, n_keys_max) f32
+// scratch; out (n, n_heads, dv). Query t at position p = pos0+t sees keys start..p with
+// start = imax(0, p - window + 1) under a sliding window. Numerics as the CPU backend
+// (llama.cpp's non-flash path): q rounded to f16, scores in f32, softmax, probabilities
+// rounded to f16 before P.V. dv <= 256, dk even. Dynamic shared memory: (dk + nwarps*dv + 64)
+// floats.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(128)
+attn_rows(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
+          float* __restrict__ scores, float* __restrict__ out, int n_heads, int n_kv, int dk, int dv,
+          int pos0, int window, float scale, int n_keys_max) {
+    extern __shared__ float sh[];
+    const int h = blockIdx.x, t = blockIdx.y;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+    const int g = h / (n_heads / n_kv);
+    const int p = pos0 + t;
+    const int start = window > 0 ? imax(0, p - window + 1) : 0;
+    const int nk = p + 1 - start;
+    float* qs = sh;             // dk
+    float* part = sh + dk;      // nw * dv
+    float* red = part + nw * dv;  // 64 (32 doubles; 8-byte aligned: dk, nw*dv are even)
+    const i64 kstride = (i64)n_kv * dk, vstride = (i64)n_kv * dv;
+    const i64 th = (i64)t * n_heads + h;
+
+    for (int d = tid; d < dk; d += blockDim.x) qs[d] = round_f16(q[th * dk + d]);
+    __syncthreads();
+
+    // 1. scores: a warp per key, lanes across dk (coalesced f16 reads of the key row)
+    float* s = scores + th * n_keys_max;
+    const u16* kbase = kc + (i64)start * kstride + (i64)g * dk;
+    for (int j = warp; j < nk; j += nw) {
+        const u16* kr = kbase + (i64)j * kstride;
+        float acc = 0.0f;
+        for (int d = lane; d < dk; d += 32) acc += qs[d] * h2f(kr[d]);
+        acc = warp_sum(acc);
+        if (lane == 0) s[j] = acc * scale;
+    }
+    __syncthreads();
+
+    // 2. softmax over the nk visible keys, probabilities rounded to f16
+    float m = neg_inf();
+    for (int j = tid; j < nk; j += blockDim.x) m = fmaxf(m, s[j]);
+    m = block_max(m, red);
+    double sum = 0.0;  // in double, as ggml_soft_max
+    for (int j = tid; j < nk; j += blockDim.x) {
+        const float e = expf(s[j] - m);
+        s[j] = e;
+        sum += e;
+    }
+    sum = block_sum_d(sum, (double*)red);
+    const float inv = (float)(1.0 / sum);
+    for (int j = tid; j < nk; j += blockDim.x) s[j] = round_f16(s[j] * inv);
+    __syncthreads();
+
+    // 3. P.V: warps split the keys, lanes across dv (<= 8 values each), then sum the warps
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+    const u16* vbase = vc + (i64)start * vstride + (i64)g * dv;
+    for (int j = warp; j < nk; j += nw) {
+        const float pj = s[j];
+        if (pj == 0.0f) continue;
+        const u16* vr = vbase + (i64)j * vstride;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int d = lane + 32 * i;
+            if (d < dv) acc[i] += pj * h2f(vr[d]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int d = lane + 32 * i;
+        if (d < dv) part[warp * dv + d] = acc[i];
+    }
+    __syncthreads();
+    for (int d = tid; d < dv; d += blockDim.x) {
+        float o = 0.0f;
+        for (int w = 0; w < nw; ++w) o += part[w * dv + d];
+        out[th * dv + d] = o;
+    }
+}
+
+// Prefill attention, middle step: S (rows, nk) f32 scores from cuBLAS -> P (rows, nk) f16
+// probabilities, masked (causal + window) and normalized. Row r = (g*group + hh)*n + t is query
+// t of head g*group+hh; key j is cache row start+j. One block per row.
+extern "C" __global__ void __launch_bounds__(256)
+softmax_mask_f16(const float* __restrict__ S, u16* __restrict__ P, int n, int nk, int pos0, int start, int window) {
+    __shared__ double red[32];
+    const i64 r = blockIdx.x;
+    const int p = pos0 + (int)(r % n);
+    const float* srow = S + r * nk;
+    u16* prow = P + r * nk;
+    // visible keys j: start + j <= p and (no window or p - (start + j) < window)
+    const int hi = imin(nk, p - start + 1);  // j < hi
+    const int lo = window > 0 ? imax(0, p - window + 1 - start) : 0;  // j >= lo
+    float m = neg_inf();
+    for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) m = fmaxf(m, srow[j]);
+    m = block_max(m, (float*)red);
+    double sum = 0.0;  // in double, as ggml_soft_max
+    for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) sum += expf(srow[j] - m);
+    sum = block_sum_d(sum, red);
+    const float inv = (float)(1.0 / sum);
+    for (int j = threadIdx.x; j < nk; j += blockDim.x)
+        prow[j] = (j >= lo && j < hi) ? f2h(expf(srow[j] - m) * inv) : (u16)0;
+}

@@ -1,0 +1,335 @@
+"""Runner: the public entry point. Load a model, then tokenize, score, generate and chat.
+
+    r = Runner("smollm2-135m", n_ctx=4096)
+    r.generate("The capital of France is", max_tokens=16, temperature=0)
+    for piece in r.chat([{"role": "user", "content": "Hi!"}], stream=True): print(piece, end="")
+
+A Runner holds one KV cache: calls on it run one at a time (finish or drop a stream before
+starting the next call). The cache remembers its tokens, so a prompt that extends the previous
+one (the next chat turn) evaluates only the new tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import kernels
+from .backends.cpu import CpuBackend
+from .backends.gpu_probe import GpuStatus, probe
+from .catalog import resolve_model
+from .errors import ConfigError, DeviceError
+from .generate import Context, GenerationStats, generate_text, generate_tokens
+from .gguf_file import ModelFile
+from .model import Model, core_block_class
+from .placement import DEFAULT_MARGIN, ModelSizes, Plan, parse_size, plan
+from .sampling import Sampler
+from .tokenizer import Tokenizer
+
+#: llama-perplexity's default context when none is given.
+PERPLEXITY_N_CTX = 512
+#: Keyword options of generate/chat beyond the common sampling arguments.
+_OPTIONS = frozenset(
+    {"repeat_last_n", "presence_penalty", "frequency_penalty", "context_shift", "ignore_eos"}
+)
+
+
+class Runner:
+    """A loaded model with its tokenizer and KV cache; see the module docstring."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int | str = "auto",
+        seed: int | None = None,
+        verbose: bool = False,
+        *,
+        gpu_mem: int | str | None = None,
+        gpu_margin: int | str = DEFAULT_MARGIN,
+        head_on_gpu: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """gpu_mem caps the GPU bytes the plan may use (e.g. "4GiB"); gpu_margin is kept free
+        (default 1 GiB); head_on_gpu moves the output head and final norm to the GPU when every
+        block is there; progress(done, total) is called as the blocks load."""
+        t0 = time.perf_counter()
+        self.path = _resolve(model)
+        self.model_file = ModelFile(self.path)
+        self.config = self.model_file.config
+        self.tokenizer = Tokenizer.from_gguf(self.model_file.reader)
+        self.n_ctx = int(n_ctx) if n_ctx and int(n_ctx) > 0 else self.config.context_length
+        self.n_threads = int(n_threads) if n_threads else kernels.default_threads()
+        placement = _Placement(
+            n_gpu_layers, _size(gpu_mem, "gpu_mem"), _size(gpu_margin, "gpu_margin"), head_on_gpu
+        )
+        self.model, self.plan, self.gpu_label = self._load_model(placement, progress)
+        self.n_gpu_layers = self.plan.n_gpu_layers
+        self.context = Context(self.model)
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+        self.last_stats = GenerationStats()
+        self.load_seconds = time.perf_counter() - t0
+        for note in self.plan.notes:
+            print(f"hybridllm: {note}", file=sys.stderr)
+        if verbose:
+            print(self.describe(), file=sys.stderr)
+
+    def _load_model(self, placement: _Placement, progress: Any) -> tuple[Model, Plan, str]:
+        """Plan the placement and build the model; on GPU out-of-memory, re-plan with fewer
+        GPU blocks (warning once) until it loads. Answers do not depend on the placement."""
+        gpu = probe()
+        sizes = ModelSizes.from_model(self.model_file)
+        request, warned = placement.n_gpu_layers, False
+        while True:
+            result = plan(
+                self.config, sizes, self.n_ctx, gpu.free_bytes, n_gpu_layers=request,
+                margin=placement.margin, gpu_mem=placement.gpu_mem,
+                head_on_gpu=placement.head_on_gpu, no_gpu_reason=gpu.reason,
+            )  # fmt: skip
+            try:
+                return self._build(result, gpu, progress), result, gpu.name or gpu.reason
+            except DeviceError as exc:
+                if result.n_gpu_layers == 0:
+                    raise
+                if not warned:
+                    message = f"{exc}; re-planning with fewer GPU blocks"
+                    warnings.warn(message, RuntimeWarning, stacklevel=3)
+                    warned = True
+                request = result.n_gpu_layers - 1
+
+    def _build(self, result: Plan, gpu: GpuStatus, progress: Any) -> Model:
+        cpu = CpuBackend(self.n_threads)
+        on_gpu = result.n_gpu_layers > 0 or result.output == "gpu"
+        device = _gpu_backend(gpu, self.n_threads) if on_gpu else None
+        backends = [device if b.device == "gpu" else cpu for b in result.blocks]
+        head = device if result.output == "gpu" else None
+        return Model(self.model_file, self.n_ctx, self.n_threads, backends=backends,
+                     head_backend=head, progress=progress)  # fmt: skip
+
+    @property
+    def model_name(self) -> str:
+        return self.config.name
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.model_file.tensors.values())
+
+    @property
+    def kernels_backend(self) -> str:
+        block = "C++ block" if core_block_class() is not None else "Python block"
+        return f"{kernels.default_backend()}, {block}"
+
+    # --- information ----------------------------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        return self.model.n_vocab
+
+    def describe(self) -> str:
+        """A few lines about the loaded model and engine (what verbose=True prints)."""
+        c = self.config
+        block = "C++ _core.Block" if core_block_class() is not None else "Python/Numba block"
+        return (
+            f"hybridllm: {self.path.name}: {c.arch}, {c.name}, {c.n_layers} layers, dim {c.dim}, "
+            f"{c.n_heads}/{c.n_kv_heads} heads, vocab {c.n_vocab}, "
+            f"{self.model_file.file_size / 2**20:.0f} MiB\n"
+            f"hybridllm: n_ctx {self.n_ctx}, {self.n_threads} threads, kernels "
+            f"{kernels.default_backend()}, {block}, n_gpu_layers {self.n_gpu_layers}, "
+            f"loaded in {self.load_seconds:.2f} s"
+        )
+
+    # --- tokens ---------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of text; BOS is added only when add_bos and the model asks for one."""
+        return self.tokenizer.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    # --- scoring --------------------------------------------------------------------------
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits (len(ids), n_vocab) float32 at every position, from a fresh context."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return np.zeros((0, self.n_vocab), dtype=np.float32)
+        return self.context.evaluate(ids, first_logit=0)
+
+    def perplexity(self, text: str, n_ctx: int | None = None) -> float:
+        """Perplexity of text, computed the way llama.cpp's llama-perplexity does.
+
+        The tokens (with BOS if the model uses one) are cut into chunks of n_ctx; each chunk
+        starts with BOS (replacing its first token) and only the predictions of its second half
+        are scored, so every scored token sees at least n_ctx/2 tokens of context.
+        """
+        n_ctx = int(n_ctx or min(PERPLEXITY_N_CTX, self.n_ctx))
+        if not 2 <= n_ctx <= self.n_ctx:
+            raise ValueError(
+                f"perplexity n_ctx={n_ctx} must be between 2 and the Runner's n_ctx ({self.n_ctx})"
+            )
+        tokens = self.tokenize(text, add_bos=True)
+        n_chunks = len(tokens) // n_ctx
+        if n_chunks == 0:
+            raise ValueError(
+                f"the text has {len(tokens)} tokens; perplexity with n_ctx={n_ctx} needs at least {n_ctx}"
+            )
+        first, nll, count = n_ctx // 2, 0.0, 0
+        for i in range(n_chunks):
+            chunk = tokens[i * n_ctx : (i + 1) * n_ctx]
+            if self.tokenizer.add_bos and self.tokenizer.bos_id is not None:
+                chunk[0] = self.tokenizer.bos_id
+            logits = self.context.evaluate(chunk, first_logit=first)  # rows first..n_ctx-1
+            targets = np.asarray(tokens[i * n_ctx + first + 1 : (i + 1) * n_ctx])
+            nll -= float(_log_softmax_at(logits[:-1], targets).sum())
+            count += len(targets)
+        return math.exp(nll / count)
+
+    # --- generation -----------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str,
+        max_tokens: int | None = 128,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = False,
+        **options: Any,
+    ) -> str | Iterator[str]:
+        """Complete prompt (special tokens in it are parsed, as llama-cpp-python does).
+
+        options: repeat_last_n (64), presence_penalty, frequency_penalty (0.0),
+        context_shift (False), ignore_eos (False). Returns the text, or an iterator of text
+        pieces with stream=True. Timing of the call lands in `last_stats`.
+        """
+        ids = self.tokenize(prompt, add_bos=True, special=True) or self._bos()
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        return self._complete(
+            ids, max_tokens, sampling, repeat_penalty, seed, stop, stream, options
+        )
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        max_tokens: int | None = 128,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = False,
+        **options: Any,
+    ) -> str | Iterator[str]:
+        """Reply to a conversation, rendered with the model's chat template.
+
+        The KV cache keeps the tokens of earlier turns, so only the new tokens are evaluated.
+        """
+        from .chat import render_chat  # jinja2 is loaded only by those who chat
+
+        text = render_chat(self.model_file, list(messages), add_generation_prompt=True)
+        bos = self.tokenizer.bos_id
+        # The template may write the BOS text itself (gemma's "{{ bos_token }}"): add it once.
+        has_bos = bos is not None and text.startswith(self.tokenizer.token_text(bos))
+        ids = self.tokenize(text, add_bos=not has_bos, special=True) or self._bos()
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        return self._complete(
+            ids, max_tokens, sampling, repeat_penalty, seed, stop, stream, options
+        )
+
+    def _complete(
+        self,
+        ids: list[int],
+        max_tokens: int | None,
+        sampling: dict[str, Any],
+        repeat_penalty: float,
+        seed: int | None,
+        stop: str | Sequence[str] | None,
+        stream: bool,
+        options: dict[str, Any],
+    ) -> str | Iterator[str]:
+        known = _OPTIONS
+        unknown = set(options) - known
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        call_seed = seed if seed is not None else int(self._rng.integers(2**63))
+        sampler = Sampler.create(
+            **sampling,
+            repeat_penalty=repeat_penalty,
+            repeat_last_n=options.get("repeat_last_n", 64),
+            presence_penalty=options.get("presence_penalty", 0.0),
+            frequency_penalty=options.get("frequency_penalty", 0.0),
+            seed=call_seed,
+        )
+        stop_ids = () if options.get("ignore_eos") else self.tokenizer.eot_ids
+        self.last_stats = stats = GenerationStats()
+        tokens = generate_tokens(
+            self.context,
+            ids,
+            sampler,
+            max_tokens,
+            stop_ids,
+            stats,
+            options.get("context_shift", False),
+        )
+        pieces = generate_text(tokens, self.tokenizer, stop, stats)
+        return pieces if stream else "".join(pieces)
+
+    def _bos(self) -> list[int]:
+        bos = self.tokenizer.bos_id
+        if bos is None:
+            raise ValueError("the prompt is empty and the model has no BOS token to start from")
+        return [bos]
+
+
+def _resolve(model: str | os.PathLike[str]) -> Path:
+    return Path(resolve_model(model))
+
+
+def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log p(target) per row of logits (m, n_vocab), in float64 like llama-perplexity."""
+    x = logits.astype(np.float64)
+    mx = x.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(x - mx).sum(axis=1)) + mx[:, 0]
+    return x[np.arange(len(targets)), targets] - lse
+
+
+class _Placement(NamedTuple):
+    n_gpu_layers: int | str
+    gpu_mem: int | None
+    margin: int
+    head_on_gpu: bool
+
+
+def _size(value: int | str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={value!r}: {exc}") from None
+
+
+def _gpu_backend(gpu: GpuStatus, n_threads: int) -> Any:
+    """The device backend for GPU blocks: the simulated one under HYBRIDLLM_SIMULATE_GPU."""
+    if gpu.simulated:
+        from .backends.simulated import SimulatedGpuBackend
+
+        return SimulatedGpuBackend(capacity_bytes=gpu.free_bytes, n_threads=n_threads)
+    try:
+        from .backends.cuda import CudaBackend
+    except ImportError as exc:
+        raise DeviceError(f"the CUDA backend cannot be imported ({exc})") from None
+    return CudaBackend()
