@@ -50,7 +50,7 @@ def bench_rows(runner: Any, n_prompt: int = 512, n_gen: int = 128, repetitions: 
             continue
         rates = [n / timer(model, n, seed=r) for r in range(repetitions)]
         rows.append({
-            "model": runner.model_name,
+            "model": runner.path.name,
             "size": f"{runner.model_file.file_size / (1 << 20):.0f} MiB",
             "params": f"{runner.n_params / 1e6:.0f} M",
             "kernels": runner.kernels_backend,

@@ -117,6 +117,18 @@ def _print_info(info: dict) -> None:
     console.print(types)
 
 
+def _text_table(rows: Sequence[Sequence[str]], left_columns: int) -> list[str]:
+    """Plain-text table lines (header, rule, rows): never wraps or truncates, unlike a terminal
+    widget in a narrow or piped output. The first `left_columns` are left-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = zip(row, widths, strict=True)
+        return "  ".join(c.ljust(w) if j < left_columns else c.rjust(w) for j, (c, w) in enumerate(cells))
+
+    return [line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]]
+
+
 def _block_bytes_text(sizes: Sequence[int]) -> str:
     lo, hi = min(sizes), max(sizes)
     spread = _human(lo) if lo == hi else f"{_human(lo)} .. {_human(hi)}"
@@ -190,11 +202,9 @@ def print_plan(result, gpu_label: str, file=None) -> None:  # noqa: ANN001
         sizes = (budget.weights_bytes, budget.kv_bytes, budget.scratch_bytes, budget.total_bytes,
                  budget.free_bytes, budget.free_after_bytes)  # fmt: skip
         rows.append((name, label, *map(mib, sizes)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for i, row in enumerate(rows):
-        print("  ".join(c.rjust(w) if j > 1 else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))), file=out)
-        if i == 0:
-            print("  ".join("-" * w for w in widths) + "   (MiB)", file=out)
+    lines = _text_table(rows, left_columns=2)
+    lines[1] += "   (MiB)"
+    print("\n".join(lines), file=out)
     for note in result.notes:
         print(f"note: {note}", file=out)
 
@@ -293,12 +303,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     runner = open_runner(args.model, args)
     rows = bench_rows(runner, n_prompt=args.n_prompt, n_gen=args.n_gen, repetitions=args.repetitions)
-    table = Table(box=None)
-    for col in ("model", "size", "params", "kernels", "threads", "gpu blocks", "test", "t/s"):
-        table.add_column(col, justify="right")
-    for row in rows:
-        table.add_row(*map(str, row.values()))
-    console.print(table)
+    if rows:
+        table = [list(rows[0])] + [[str(v) for v in row.values()] for row in rows]
+        print("\n".join(_text_table(table, left_columns=1)))
     return 0
 
 
