@@ -21,8 +21,8 @@ int act_kind_for(int type, bool simd) {
         case T_F32:
         case T_F16:
         case T_BF16: return ACT_F32;
+        case T_Q4_1: return ACT_Q8_1;  // llama.cpp's q8_1, for the bit-exact Q4_1 kernels
         case T_Q4_0:
-        case T_Q4_1:
         case T_Q5_0:
         case T_Q5_1: return simd ? ACT_Q8_32P : ACT_Q8_32;
         case T_Q8_0: return ACT_Q8_32;
@@ -44,13 +44,39 @@ struct Sizes {
 
 Sizes sizes(int kind, int64_t n, int64_t cols) {
     const size_t nn = static_cast<size_t>(n), cc = static_cast<size_t>(cols);
-    if (kind == ACT_Q8_32) return {align64(nn * cc), align64(nn * (cc / QK) * 4), align64(nn * (cc / QK) * 4)};
+    if (kind == ACT_Q8_32 || kind == ACT_Q8_1) return {align64(nn * cc), align64(nn * (cc / QK) * 4), align64(nn * (cc / QK) * 4)};
     if (kind == ACT_Q8_32P) {
         const size_t ng = static_cast<size_t>(q8p_groups(cols));
         return {align64(nn * ng * 256), align64(nn * ng * 64), 0};
     }
     if (kind == ACT_Q8_K) return {align64(nn * cc), align64(nn * (cc / QK_K) * 4), align64(nn * (cc / 16) * 2)};
     return {0, 0, 0};
+}
+
+// float -> nearest IEEE half (round to nearest even), back to float: llama.cpp's
+// GGML_FP32_TO_FP16 (F16C vcvtps2ph, or the same rounding in software).
+inline float round_to_f16(float f) {
+#if defined(__F16C__)
+    return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+#else
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    const uint32_t ax = x & 0x7fffffffu;
+    uint16_t h;
+    if (ax > 0x7f800000u) {
+        h = static_cast<uint16_t>(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));
+    } else if (ax >= 0x477ff000u) {
+        h = static_cast<uint16_t>(sign | 0x7c00u);
+    } else if (ax < 0x38800000u) {
+        float a;
+        std::memcpy(&a, &ax, 4);
+        h = static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(a * 16777216.0f)));
+    } else {
+        h = static_cast<uint16_t>(sign | ((ax + 0xfffu + ((ax >> 13) & 1u) - 0x38000000u) >> 13));
+    }
+    return fp16_to_f32(h);
+#endif
 }
 
 // One 32-block: q = round(x * 127 / amax); returns sum(q) and writes the scale to *d.
@@ -96,10 +122,14 @@ inline int quantize_block32(const float* x, int8_t* q, float* d) {
 #endif
 }
 
-void quantize_row_q8_32(const float* x, int64_t cols, int8_t* q, float* d, float* s) {
+// q8_1 = true: llama.cpp's quantize_row_q8_1 (d and s = d_f32 * sum rounded to fp16); else
+// quantize_row_q8_0 (d rounded to fp16) with s = d * sum from the stored d.
+void quantize_row_q8_32(const float* x, int64_t cols, int8_t* q, float* d, float* s, bool q8_1) {
     for (int64_t b = 0; b < cols / QK; ++b) {
-        const int sum = quantize_block32(x + b * QK, q + b * QK, d + b);
-        s[b] = d[b] * static_cast<float>(sum);
+        float df = 0.0f;
+        const int sum = quantize_block32(x + b * QK, q + b * QK, &df);
+        d[b] = round_to_f16(df);
+        s[b] = q8_1 ? round_to_f16(df * static_cast<float>(sum)) : d[b] * static_cast<float>(sum);
     }
 }
 
@@ -188,7 +218,7 @@ QActs acts_layout(int kind, int64_t n, int64_t cols, void* buf, const float* x) 
     auto* base = static_cast<uint8_t*>(buf);
     a.qs = reinterpret_cast<const int8_t*>(base);
     a.d = reinterpret_cast<const float*>(base + s.qs);
-    if (kind == ACT_Q8_32)
+    if (kind == ACT_Q8_32 || kind == ACT_Q8_1)
         a.s = reinterpret_cast<const float*>(base + s.qs + s.d);
     else
         a.bsums = reinterpret_cast<const int16_t*>(base + s.qs + s.d);
@@ -200,10 +230,10 @@ void quantize_acts_rows(const QActs& a, const float* x, int64_t r0, int64_t r1) 
     for (int64_t r = r0; r < r1; ++r) {
         const float* xr = x + r * cols;
         auto* q = const_cast<int8_t*>(a.qs) + r * cols;  // ACT_Q8_32 / ACT_Q8_K row
-        if (a.kind == ACT_Q8_32) {
+        if (a.kind == ACT_Q8_32 || a.kind == ACT_Q8_1) {
             const int64_t nb = cols / QK;
             quantize_row_q8_32(xr, cols, q, const_cast<float*>(a.d) + r * nb,
-                               const_cast<float*>(a.s) + r * nb);
+                               const_cast<float*>(a.s) + r * nb, a.kind == ACT_Q8_1);
         } else if (a.kind == ACT_Q8_32P) {
             const int64_t ng = q8p_groups(cols);
             quantize_row_q8_32p(xr, cols, const_cast<int8_t*>(a.qs) + r * ng * 256,

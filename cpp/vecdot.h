@@ -4,9 +4,9 @@
 //
 // Partner formats (our own SoA layout; one QActs holds n activation rows):
 //   ACT_F32   F32 / F16 / BF16 weights: the float activations themselves.
-//   ACT_Q8_32 Q8_0, and Q4_0 Q4_1 Q5_0 Q5_1 on the scalar path ("Q8_0"/"Q8_1"): blocks of 32
-//             int8 with a float scale d and s = d * sum(q) (the block sum that the min / offset
-//             terms need).
+//   ACT_Q8_32 Q8_0, and Q4_0 Q5_0 Q5_1 on the scalar path ("Q8_0"/"Q8_1"): blocks of 32
+//             int8 with a float scale d rounded to fp16 (as llama.cpp's quantize_row_q8_0 stores
+//             it) and s = d * sum(q) (the block sum that the min / offset terms need).
 //   ACT_Q8_32P Q4_0 Q4_1 Q5_0 Q5_1 on the AVX2 path: the same blocks, with the codes stored in
 //             pairs laid out the way a pair of 4/5-bit weight blocks unpacks into two registers
 //             (so one 256-bit op handles two blocks) and the scales in groups of 8 blocks (so one
@@ -15,6 +15,10 @@
 //             Per group g of blocks 8g .. 8g + 7:
 //               ds[16 g ..]: d0 s0 d1 s1 ... d7 s7   (float; s = d * sum(q); zeros past the end)
 //             qs holds 4 pairs per group (zero padded), i.e. q8p_groups(cols) * 256 bytes a row.
+//   ACT_Q8_1  Q4_1 (both paths): the ACT_Q8_32 layout, rounded exactly as llama.cpp's
+//             quantize_row_q8_1: d = fp16(amax / 127), s = fp16(d_f32 * sum(q)) with the unrounded
+//             d_f32 (both stored as floats holding half values). The Q4_1 kernels follow
+//             ggml_vec_dot_q4_1_q8_1's AVX2 arithmetic order, so results match llama.cpp bit for bit.
 //   ACT_Q8_K  K-quants ("Q8_K"): blocks of 256 int8 with a float scale d and the int16 sums of
 //             each 16-element group (bsums), for the per-16 mins / offsets.
 #pragma once
@@ -24,7 +28,7 @@
 
 namespace hl {
 
-enum ActKind : int { ACT_F32 = 0, ACT_Q8_32 = 1, ACT_Q8_K = 2, ACT_Q8_32P = 3 };
+enum ActKind : int { ACT_F32 = 0, ACT_Q8_32 = 1, ACT_Q8_K = 2, ACT_Q8_32P = 3, ACT_Q8_1 = 4 };
 
 // Partner activation format of a weight type (type must be supported) for the SIMD kernels
 // (simd = true, where the build has them) or the scalar ones.
@@ -39,9 +43,9 @@ struct QActs {
     const float* xf = nullptr;         // ACT_F32: [n][ld]
     int64_t ld = 0;                    // ACT_F32: row stride of xf in floats (>= cols)
     const int8_t* qs = nullptr;        // quantized: [n][cols] (ACT_Q8_32P: [n][256 groups])
-    const float* d = nullptr;          // ACT_Q8_32: [n][cols/32]; ACT_Q8_K: [n][cols/256];
+    const float* d = nullptr;          // ACT_Q8_32 / ACT_Q8_1: [n][cols/32]; ACT_Q8_K: [n][cols/256];
                                        // ACT_Q8_32P: ds [n][16 groups]
-    const float* s = nullptr;          // ACT_Q8_32: [n][cols/32], d * sum(q)
+    const float* s = nullptr;          // ACT_Q8_32 / ACT_Q8_1: [n][cols/32], d * sum(q)
     const int16_t* bsums = nullptr;    // ACT_Q8_K: [n][cols/16]
 };
 

@@ -83,17 +83,57 @@ void dot_q8_0(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
         aq[i] = a.qs + (a0 + i) * cols;
         ad[i] = a.d + (a0 + i) * nb;
     }
-    // Two accumulator sets: with NA = 1 the FMA latency chain would otherwise bound the matvec.
-    __m256 acc0[NA], acc1[NA];
-    for (int i = 0; i < NA; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        step_q8_0<NA>(w + b * kB, b, aq, ad, acc0);
-        step_q8_0<NA>(w + (b + 1) * kB, b + 1, aq, ad, acc1);
-    }
-    if (b < nb) step_q8_0<NA>(w + b * kB, b, aq, ad, acc0);
-    for (int i = 0; i < NA; ++i) out[i * os] = hsum_ps(_mm256_add_ps(acc0[i], acc1[i]));
+    // One accumulator, blocks in order: ggml_vec_dot_q8_0_q8_0's AVX2 arithmetic (lane l = the
+    // integer dot of elements 4l .. 4l + 3, acc = fma(dw * da, dot, acc), hsum_float_8), so with
+    // the fp16-rounded activation scales the result is llama.cpp's vec_dot bit for bit.
+    __m256 acc[NA];
+    for (int i = 0; i < NA; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) step_q8_0<NA>(w + b * kB, b, aq, ad, acc);
+    for (int i = 0; i < NA; ++i) out[i * os] = hsum_ps(acc[i]);
 }
+
+// ---- Q4_1 (ACT_Q8_1 activations), bit-exact with llama.cpp ------------------------------------
+//
+// ggml_vec_dot_q4_1_q8_1 (AVX2 / AVX512-VNNI build), per block: summs = fma(m, s, summs) (the
+// compiler contracts `summs += m * s`); the block unpacks to low nibbles in bytes 0-15 and high
+// nibbles in 16-31; lane l of the integer dot sums elements 4l .. 4l + 3; acc = fma(d * da, dot,
+// acc). Result hsum_float_8(acc) + summs. One accumulator in block order: no reassociation.
+template <int NA>
+void dot_q4_1_exact(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out,
+                    int64_t os) {
+    constexpr size_t kB = sizeof(block_q4_1);
+    const int64_t nb = cols / QK;
+    const int8_t* aq[NA];
+    const float *ad[NA], *as[NA];
+    for (int i = 0; i < NA; ++i) {
+        aq[i] = a.qs + (a0 + i) * cols;
+        ad[i] = a.d + (a0 + i) * nb;
+        as[i] = a.s + (a0 + i) * nb;
+    }
+    __m256 acc[NA];
+    float summs[NA];
+    for (int i = 0; i < NA; ++i) {
+        acc[i] = _mm256_setzero_ps();
+        summs[i] = 0.0f;
+    }
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = w + b * kB;
+        if ((b & 15) == 0) prefetch_ahead(blk, 16 * kB);
+        const float d0 = load_f16(blk), m0 = load_f16(blk + 2);
+        const __m128i raw = loadu128(blk + 4);
+        const __m256i qx = _mm256_and_si256(
+            _mm256_inserti128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1), m4);
+        for (int i = 0; i < NA; ++i) {
+            summs[i] = __builtin_fmaf(m0, as[i][b], summs[i]);
+            const __m256 d0d1 = _mm256_set1_ps(d0 * ad[i][b]);
+            const __m256i p = dot_u8s8(qx, loadu256(aq[i] + b * QK));
+            acc[i] = _mm256_fmadd_ps(d0d1, _mm256_cvtepi32_ps(p), acc[i]);
+        }
+    }
+    for (int i = 0; i < NA; ++i) out[i * os] = hsum_ps(acc[i]) + summs[i];
+}
+
 
 // ---- Q4_0 Q4_1 Q5_0 Q5_1 (pairs of 32-blocks, ACT_Q8_32P activations) --------------------------
 //
@@ -564,7 +604,7 @@ RowKernel pick(int type, int kind) {
         case T_F16: return kind == ACT_F32 ? dot_float<T_F16, NA> : nullptr;
         case T_BF16: return kind == ACT_F32 ? dot_float<T_BF16, NA> : nullptr;
         case T_Q4_0: return kind == ACT_Q8_32P ? dot_pair<PQ4_0, NA> : nullptr;
-        case T_Q4_1: return kind == ACT_Q8_32P ? dot_pair<PQ4_1, NA> : nullptr;
+        case T_Q4_1: return kind == ACT_Q8_1 ? dot_q4_1_exact<NA> : nullptr;
         case T_Q5_0: return kind == ACT_Q8_32P ? dot_pair<PQ5_0, NA> : nullptr;
         case T_Q5_1: return kind == ACT_Q8_32P ? dot_pair<PQ5_1, NA> : nullptr;
         case T_Q8_0: return kind == ACT_Q8_32 ? dot_q8_0<NA> : nullptr;

@@ -7,6 +7,8 @@
 //   32-blocks: int q[32] (value = d * q, or d * q + m for the formats with a min)
 //   K-quants:  uint8 u[256], per 16-group int scale sc[g] and min mn[g]:
 //              value = d * sc[g] * u - dmin * mn[g]   (Q3_K / Q6_K offsets become mins, dmin = d)
+#include <cmath>
+
 #include "quants.h"
 #include "vecdot.h"
 
@@ -72,6 +74,42 @@ void dot32_scalar(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, fl
         }
     }
     for (int i = 0; i < NA; ++i) out[i * os] = sum[i];
+}
+
+// Q4_1 against ACT_Q8_1 in ggml_vec_dot_q4_1_q8_1's AVX2 order (the same bits as the AVX2 kernel
+// and as llama.cpp): 8 float lanes, lane l taking the integer dot of elements 4l .. 4l + 3 of
+// the unpacked block (low nibbles 0-15, high nibbles 16-31), acc[l] = fma(dw * da, dot, acc[l]);
+// summs = fma(m, s, summs); result = hsum_float_8(acc) + summs.
+template <int NA>
+void dot_q4_1_exact_scalar(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out,
+                           int64_t os) {
+    const int64_t nb = cols / QK;
+    for (int i = 0; i < NA; ++i) {
+        const int8_t* aq = a.qs + (a0 + i) * cols;
+        const float* ad = a.d + (a0 + i) * nb;
+        const float* as = a.s + (a0 + i) * nb;
+        float acc[8] = {};
+        float summs = 0.0f;
+        for (int64_t b = 0; b < nb; ++b) {
+            const auto* x = reinterpret_cast<const block_q4_1*>(w + b * sizeof(block_q4_1));
+            const float d0 = load_f16(x->d), m0 = load_f16(x->m);
+            summs = std::fma(m0, as[b], summs);
+            const float d0d1 = d0 * ad[b];
+            const int8_t* q8 = aq + b * QK;
+            for (int l = 0; l < 8; ++l) {
+                int t = 0;
+                for (int e = 4 * l; e < 4 * l + 4; ++e) {
+                    const int u = e < 16 ? (x->qs[e] & 15) : (x->qs[e - 16] >> 4);
+                    t += u * q8[e];
+                }
+                acc[l] = std::fma(d0d1, static_cast<float>(t), acc[l]);
+            }
+        }
+        float r4[4];
+        for (int l = 0; l < 4; ++l) r4[l] = acc[4 + l] + acc[l];
+        const float h0 = r4[0] + r4[2], h1 = r4[1] + r4[3];
+        out[i * os] = (h0 + h1) + summs;
+    }
 }
 
 struct BlkK {
@@ -191,7 +229,7 @@ RowKernel pick(int type) {
         case T_F16: return dotF_scalar<T_F16, NA>;
         case T_BF16: return dotF_scalar<T_BF16, NA>;
         case T_Q4_0: return dot32_scalar<T_Q4_0, sizeof(block_q4_0), NA>;
-        case T_Q4_1: return dot32_scalar<T_Q4_1, sizeof(block_q4_1), NA>;
+        case T_Q4_1: return dot_q4_1_exact_scalar<NA>;
         case T_Q5_0: return dot32_scalar<T_Q5_0, sizeof(block_q5_0), NA>;
         case T_Q5_1: return dot32_scalar<T_Q5_1, sizeof(block_q5_1), NA>;
         case T_Q8_0: return dot32_scalar<T_Q8_0, sizeof(block_q8_0), NA>;
@@ -209,8 +247,10 @@ RowKernel pick(int type) {
 RowKernel get_kernel_scalar(int type, int na, int act_kind) {
     static_assert(MAX_NA == 4, "instantiate the kernels for every tile height");
     // The scalar kernels read ACT_Q8_32 (not the paired layout) for every 32-block type.
+    // Q4_1 reads ACT_Q8_1 (the same layout, llama.cpp's q8_1 rounding).
     const int want = type == T_F32 || type == T_F16 || type == T_BF16 ? ACT_F32
-                     : (type == T_Q4_0 || type == T_Q4_1 || type == T_Q5_0 || type == T_Q5_1 ||
+                     : type == T_Q4_1 ? ACT_Q8_1
+                     : (type == T_Q4_0 || type == T_Q5_0 || type == T_Q5_1 ||
                         type == T_Q8_0)
                          ? ACT_Q8_32
                          : ACT_Q8_K;

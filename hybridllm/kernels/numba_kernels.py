@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -162,10 +164,24 @@ def _check_raw(raw: np.ndarray, qtype: int, rows: int, cols: int) -> int:
 
 # ---- activation quantization (the partner formats) ----------------------------------------
 #
-# Same bytes as the C++ core's quantizers (cpp/vecdot.cpp): per block, d = amax / 127 kept as
-# float32, q = nearest-even(x * (127 / amax)). llama.cpp itself stores the Q8_0/Q8_1 d as f16,
-# and computes the Q8_K scale from the signed maximum (-127 / max); the two backends agree with
-# each other rather than with those bytes (the difference is ~1e-4 relative).
+# 32-blocks as llama.cpp's quantize_row_q8_0 / _q8_1 (and the C++ core's ACT_Q8_32 / ACT_Q8_1,
+# cpp/vecdot.cpp): d = amax / 127 stored as f16, q = nearest-even(x * (127 / amax)), and for Q8_1
+# s = f16(d * sum(q)) from the unrounded float d. (The C++ SIMD path for Q4_0 / Q5_0 / Q5_1 keeps
+# a float32 d.) Q8_K: d = amax / 127 as float32; llama.cpp computes that scale from the signed
+# maximum (-127 / max), a ~1e-4 relative difference.
+
+
+@njit(cache=CACHE, inline="always")
+def _round_f16(x: np.float32) -> np.float32:
+    """x rounded to the nearest IEEE half (ties to even), as float32 (F16C vcvtps2ph)."""
+    if x == 0 or not np.isfinite(x):
+        return x
+    _, e = math.frexp(float(x))  # 2^(e-1) <= |x| < 2^e: half keeps 11 bits, subnormals 2^-24
+    sp = max(e - 11, -24)
+    r = np.float32(np.rint(float(x) * 2.0 ** (-sp)) * 2.0**sp)
+    if abs(r) > np.float32(65504.0):
+        return np.float32(np.inf) if x > 0 else np.float32(-np.inf)
+    return r
 
 
 @njit(cache=CACHE)
@@ -185,9 +201,9 @@ def _quant_block_q8(
         yq[i, c0 + j] = q
         s += q
     d = amax / np.float32(127.0)
-    yd[i, b] = d
+    yd[i, b] = _round_f16(d)
     if with_sum:
-        ys[i, b] = d * np.float32(s)
+        ys[i, b] = _round_f16(d * np.float32(s))
 
 
 @njit(cache=CACHE)
