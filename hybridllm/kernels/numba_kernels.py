@@ -32,9 +32,8 @@ Compilation: each kernel family compiles on first use (legacy ~13 s, K-quants ~7
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
+from typing import Any
 
 import numba
 import numpy as np
