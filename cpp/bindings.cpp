@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "block.h"
 #include "dequant.h"
 #include "matmul.h"
 #include "quants.h"
@@ -135,6 +136,7 @@ std::string simd_path() {
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "hybridllm C++ kernels: GGML dequantization, quantized matmul, row gathers";
+    hl::register_block(m);  // _core.Block (block.cpp)
     m.def("dequantize", &py_dequantize, py::arg("raw"), py::arg("qtype"), py::arg("rows"),
           py::arg("cols"), py::arg("out"),
           "out[rows, cols] = dequantized raw (rows x row_bytes GGML bytes).");
