@@ -3,14 +3,19 @@
 // One step evaluates n rows x [n][dim] at positions pos0 .. pos0+n-1 inside ONE OpenMP region
 // (30 blocks x one token means a fork/join per block, not per op):
 //
-//   1  xn = rms_norm(x) * attn_norm; quantize xn (once per activation format Q/K/V need)
-//   2  q [n][H*dk], k [n][KV*dk], v [n][KV*dv] = xn @ W.T      (one work list over all three)
-//   3  q_norm/k_norm (gemma3), rope, Q rounded to f16; K, V rounded into the f16 caches
+//   1  xn = rms_norm(x) * attn_norm; quantized once per activation format Q, K, V read
+//   2  q [n][H*dk], k [n][KV*dk], v [n][KV*dv] = xn @ W.T: one work list over the three, items
+//      of whole heads; the thread that computed a head applies q_norm/k_norm (gemma3), rope and
+//      Q's f16 rounding, and writes K, V rounded into the f16 caches [n_ctx][KV*dk], [n_ctx][KV*dv]
+//   3  (batches) the keys of the step transposed to float for the scores
 //   4  o [n][H*dv] = softmax(q16 . K^T * scale + causal/window mask), rounded to f16, . V
 //   5  quantize o;  6  att = o @ Wo.T
 //   7  x += post_attention_norm?(att); h = rms_norm(x) * ffn_norm; quantize h
 //   8  a [n][ffn] = act(h @ Wg.T) * (h @ Wu.T)   (activation applied per weight-row chunk)
 //   9  quantize a;  10  f = a @ Wd.T;  11  x += post_ffw_norm?(f)
+//
+// Decode steps (n <= 4) do the row-wise steps 1, 5, 7, 9 in every thread at once, each into its
+// own buffers, so the team meets only after the matmuls and the attention (6 barriers a block).
 //
 // Numerics are PyBlock's on backends/cpu.py, which reproduce llama.cpp's CPU path: RMSNorm
 // squares in float summed in double; rope with libm cosf/sinf tables and one FMA per output;
@@ -487,32 +492,38 @@ void scores_tiny16(const float* q, const float* kt, int64_t ldk, int64_t c0, int
     }
 }
 
-// Scores of one query row against cache rows lo..hi in ggml_vec_dot_f16's order: four 16-lane
-// accumulators fed round-robin, folded (0+2)+(1+3), lanes halved, leftovers (dk % 64) in double.
-void scores_vec16(const float* q, const uint16_t* kc, int64_t ks, const uint16_t* vc, int64_t vs,
-                  int64_t dv, int64_t lo, int64_t hi, int64_t dk, float scale, float* s) {
+// Decode scores of nh query heads of one KV group (head j: q + j * dk, scores at
+// s + j * ls, indexed pos - lo) against cache rows lo..hi, in ggml_vec_dot_f16's order: four
+// 16-lane accumulators fed round-robin, folded (0+2)+(1+3), lanes halved, leftovers (dk % 64)
+// summed in double. Each key row is read once for the whole group (GQA): at long contexts the
+// rows come from DRAM, and a pass per head would read them nh times.
+void scores_vec16(const float* q, int nh, const uint16_t* kc, int64_t ks, const uint16_t* vc, int64_t vs,
+                  int64_t dv, int64_t lo, int64_t hi, int64_t dk, float scale, float* s, int64_t ls) {
     const int64_t body = dk - dk % 64;
     for (int64_t pos = lo; pos <= hi; ++pos) {
         const uint16_t* k = kc + pos * ks;
-        // The cache rows are strided (other heads between) and past L2 at long contexts: fetch
-        // the key row a few positions ahead, and this position's value row for the P.V pass.
+        // Strided rows (other heads between them): fetch the key row a few positions ahead,
+        // and this position's value row into L2 for the P.V pass.
         const char* kn = reinterpret_cast<const char*>(k + 8 * ks);
         for (int64_t o = 0; o < dk * 2; o += 64) _mm_prefetch(kn + o, _MM_HINT_T0);
         const char* vn = reinterpret_cast<const char*>(vc + pos * vs);
         for (int64_t o = 0; o < dv * 2; o += 64) _mm_prefetch(vn + o, _MM_HINT_T1);
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t c = 0; c < body; c += 64) {
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), load_f16x16(k + c), a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c + 16), load_f16x16(k + c + 16), a1);
-            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c + 32), load_f16x16(k + c + 32), a2);
-            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c + 48), load_f16x16(k + c + 48), a3);
+        for (int j = 0; j < nh; ++j) {
+            const float* qj = q + j * dk;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t c = 0; c < body; c += 64) {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qj + c), load_f16x16(k + c), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qj + c + 16), load_f16x16(k + c + 16), a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qj + c + 32), load_f16x16(k + c + 32), a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qj + c + 48), load_f16x16(k + c + 48), a3);
+            }
+            double total = hsum16(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+            for (int64_t c = body; c < dk; ++c) {
+                const float p = qj[c] * fp16_to_f32(k[c]);
+                total += static_cast<double>(p);
+            }
+            s[j * ls + pos - lo] = static_cast<float>(total) * scale;
         }
-        double total = hsum16(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
-        for (int64_t c = body; c < dk; ++c) {
-            const float p = q[c] * fp16_to_f32(k[c]);
-            total += static_cast<double>(p);
-        }
-        s[pos - lo] = static_cast<float>(total) * scale;
     }
 }
 
@@ -546,79 +557,69 @@ void softmax16(float* s, int64_t base, int64_t lo, int64_t hi) {
     }
 }
 
-// acc[r] += prob(pos) * V[pos] (16 columns at vc) for the positions pos in [lo, hi] with
-// (pos % M) in [16 a, 16 a + 16), r = pos % 16: one of ggml's lane accumulators per register.
-template <int M>
-inline void pv_pass(__m512* acc, const float* prob, int64_t base, const uint16_t* vc, int64_t vs,
-                    int64_t lo, int64_t hi, int a) {
-    for (int64_t g = lo - lo % M + 16 * a; g <= hi; g += M) {
-        if (g + 15 < lo) continue;
-        if (g >= lo && g + 15 <= hi) {
-#pragma GCC unroll 16
-            for (int r = 0; r < 16; ++r)
-                acc[r] = _mm512_fmadd_ps(load_f16x16(vc + (g + r) * vs), _mm512_set1_ps(prob[g + r - base]), acc[r]);
-        } else {
-#pragma GCC unroll 16
-            for (int r = 0; r < 16; ++r) {
-                const int64_t pos = g + r;
-                if (pos >= lo && pos <= hi)
-                    acc[r] = _mm512_fmadd_ps(load_f16x16(vc + pos * vs), _mm512_set1_ps(prob[pos - base]), acc[r]);
-            }
-        }
-    }
-}
-
-// out[dv] = sum over positions of prob * V, ggml's order: M = 16 tinyBLAS (one accumulator of
-// 16 lanes, lane = pos % 16), M = 64 ggml_vec_dot_f16 (four, lane = pos % 16, accumulator
-// (pos % 64) / 16). 16 output columns at a time, the lane accumulators in registers.
-template <int M>
+// Batched P.V in tinyBLAS's order: one 16-lane accumulator per output, lane = pos % 16, so
+// out[d] = halving sum over r of acc_r[d], acc_r[d] += prob(pos) * V[pos][d] over the positions
+// pos = r (mod 16) in order. 16 output columns at a time with the 16 lane accumulators in
+// registers, walking aligned groups of 16 positions. prob indexed pos - base.
 void pv16(const float* prob, int64_t base, const uint16_t* vc, int64_t vs, int64_t lo, int64_t hi,
           int64_t dv, float* out) {
     for (int64_t d0 = 0; d0 < dv; d0 += 16) {
         __m512 acc[16];
-        if (M == 16) {
-            for (auto& a : acc) a = _mm512_setzero_ps();
-            pv_pass<16>(acc, prob, base, vc + d0, vs, lo, hi, 0);
-            _mm512_storeu_ps(out + d0, halve16(acc));
-            continue;
+        for (auto& a : acc) a = _mm512_setzero_ps();
+        const uint16_t* v = vc + d0;
+        for (int64_t g = lo - lo % 16; g <= hi; g += 16) {
+            if (g >= lo && g + 15 <= hi) {
+#pragma GCC unroll 16
+                for (int r = 0; r < 16; ++r)
+                    acc[r] = _mm512_fmadd_ps(load_f16x16(v + (g + r) * vs), _mm512_set1_ps(prob[g + r - base]), acc[r]);
+            } else {
+#pragma GCC unroll 16
+                for (int r = 0; r < 16; ++r) {
+                    const int64_t pos = g + r;
+                    if (pos >= lo && pos <= hi)
+                        acc[r] = _mm512_fmadd_ps(load_f16x16(v + pos * vs), _mm512_set1_ps(prob[pos - base]), acc[r]);
+                }
+            }
         }
-        __m512 part[4][16];
-        for (int a = 0; a < 4; ++a) {
-            for (auto& x : acc) x = _mm512_setzero_ps();
-            pv_pass<64>(acc, prob, base, vc + d0, vs, lo, hi, a);
-            for (int r = 0; r < 16; ++r) part[a][r] = acc[r];
-        }
-        for (int r = 0; r < 16; ++r)
-            acc[r] = _mm512_add_ps(_mm512_add_ps(part[0][r], part[2][r]), _mm512_add_ps(part[1][r], part[3][r]));
         _mm512_storeu_ps(out + d0, halve16(acc));
     }
 }
 
-// Decode P.V in ggml_vec_dot_f16's order (accumulator (pos % 64) / 16, lane pos % 16), walking
-// the positions in order (the value rows stream) with the 64 lane accumulators in memory:
-// acc [64][dv] (L1 for dv 64, L2 for 256); rows no position touched count as zeros.
-void pv_vec16(const float* prob, int64_t base, const uint16_t* vc, int64_t vs, int64_t lo, int64_t hi,
-              int64_t dv, float* acc, float* out) {
+// Decode P.V of nh heads of one KV group in ggml_vec_dot_f16's order (accumulator
+// (pos % 64) / 16, lane pos % 16): head j's probabilities at prob + j * ls (index pos - base),
+// output at out + j * dv. The positions are walked in order, each value row read once for the
+// group; the 64 lane accumulators of each head live in acc [nh][64][dv] (rows that no
+// position touched count as zeros).
+void pv_vec16(const float* prob, int nh, int64_t ls, int64_t base, const uint16_t* vc, int64_t vs,
+              int64_t lo, int64_t hi, int64_t dv, float* acc, float* out) {
     uint64_t touched = 0;
     for (int64_t pos = lo; pos <= hi && pos < lo + 64; ++pos) {
         touched |= uint64_t{1} << (pos % 64);
-        std::fill(acc + (pos % 64) * dv, acc + (pos % 64 + 1) * dv, 0.0f);
+        for (int j = 0; j < nh; ++j) {
+            float* a = acc + (j * 64 + pos % 64) * dv;
+            std::fill(a, a + dv, 0.0f);
+        }
     }
     for (int64_t pos = lo; pos <= hi; ++pos) {
-        float* a = acc + (pos % 64) * dv;
         const uint16_t* v = vc + pos * vs;
-        const __m512 p = _mm512_set1_ps(prob[pos - base]);
-        for (int64_t d = 0; d < dv; d += 16)
-            _mm512_storeu_ps(a + d, _mm512_fmadd_ps(load_f16x16(v + d), p, _mm512_loadu_ps(a + d)));
+        for (int j = 0; j < nh; ++j) {
+            float* a = acc + (j * 64 + pos % 64) * dv;
+            const __m512 p = _mm512_set1_ps(prob[j * ls + pos - base]);
+            for (int64_t d = 0; d < dv; d += 16)
+                _mm512_storeu_ps(a + d, _mm512_fmadd_ps(load_f16x16(v + d), p, _mm512_loadu_ps(a + d)));
+        }
     }
-    for (int64_t d = 0; d < dv; d += 16) {
-        __m512 t[16];
-        auto row = [&](int r) {
-            return (touched >> r) & 1 ? _mm512_loadu_ps(acc + r * dv + d) : _mm512_setzero_ps();
-        };
-        for (int i = 0; i < 16; ++i)
-            t[i] = _mm512_add_ps(_mm512_add_ps(row(i), row(32 + i)), _mm512_add_ps(row(16 + i), row(48 + i)));
-        _mm512_storeu_ps(out + d, halve16(t));
+    for (int j = 0; j < nh; ++j) {
+        const float* aj = acc + j * 64 * dv;
+        for (int64_t d = 0; d < dv; d += 16) {
+            __m512 t[16];
+            auto row = [&](int r) {
+                return (touched >> r) & 1 ? _mm512_loadu_ps(aj + r * dv + d) : _mm512_setzero_ps();
+            };
+            for (int i = 0; i < 16; ++i)
+                t[i] = _mm512_add_ps(_mm512_add_ps(row(i), row(32 + i)), _mm512_add_ps(row(16 + i), row(48 + i)));
+            _mm512_storeu_ps(out + j * dv + d, halve16(t));
+        }
     }
 }
 #endif  // __AVX512F__
@@ -1008,11 +1009,15 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
         acts[A_ACT].layout(act_kind_for(wd_.type, simd), ac, n, ffn, P);
     };
 
-    // Attention work: decode, one item per head; batches, (head, block of QB query rows), the
-    // latest rows (most keys) first so that the dynamic schedule ends balanced.
+    // Attention work. Batches: (head, block of QB query rows), the latest rows (most keys)
+    // first so that the dynamic schedule ends balanced. One row: (KV group, some of its heads),
+    // the group cut into as few parts as give every thread work, so that each part streams the
+    // group's cache rows once (GQA; at long contexts they come from DRAM).
     const int64_t QB = 16;
     const int64_t n_qb = batched ? (n + QB - 1) / QB : 1;
-    const int64_t n_att = H * n_qb;
+    const int64_t parts = std::min<int64_t>(group, std::max<int64_t>(1, (nt + KV - 1) / KV));
+    const int64_t hpp = (group + parts - 1) / parts;  // heads per part
+    const int64_t n_att = batched ? H * n_qb : KV * parts;
     const bool use_kt = fast && batched;
     const int64_t ldk = round_up(T, 16) + 16;  // transposed keys [KV][dk][ldk], padded for 16-key loads
     float* kt = use_kt ? ws.kt.get(KV * dk * ldk) : nullptr;
@@ -1022,7 +1027,9 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
     while (static_cast<int>(ws.threads.size()) < nt) ws.threads.push_back(std::make_unique<ThreadScratch>());
     for (int t = 0; t < nt; ++t) {
         ThreadScratch& me = *ws.threads[t];
-        me.att.get(static_cast<size_t>(s_len + 4 * L * dv + std::max(dk, dv) + 64));
+        // scores [hpp][s_len] and accumulators [hpp][64][dv] (batches and the portable path
+        // use [s_len] and [4 L][dv]), then a row of max(dk, dv)
+        me.att.get(static_cast<size_t>(hpp * (s_len + 64 * dv) + 4 * L * dv + std::max(dk, dv) + 64));
         if (decode) {
             me.xp.get(n * dim);
             me.tmp.get(dim);
@@ -1132,38 +1139,49 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
         // 4. Attention: o = softmax(q16 . K^T * scale + mask) . V per (query row, head).
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n_att; ++i) {
-            const int64_t hh = i % H, qb = n_qb - 1 - i / H, g = hh / group;
-            const int64_t t0 = qb * QB, t1 = batched ? std::min(n, t0 + QB) : 1;
+            int64_t h0, h1, t0, t1;
+            if (batched) {
+                h0 = i % H, h1 = h0 + 1;
+                t0 = (n_qb - 1 - i / H) * QB, t1 = std::min(n, t0 + QB);
+            } else {
+                const int64_t g = i / parts, part = i % parts;
+                h0 = g * group + part * hpp, h1 = std::min(g * group + group, h0 + hpp);
+                t0 = 0, t1 = 1;
+            }
+            const int64_t g = h0 / group;
+            const uint16_t* kcg = kc + g * dk;
+            const uint16_t* vcg = vc + g * dv;
             for (int64_t t = t0; t < t1; ++t) {
                 const int64_t p = pos0 + t;
                 const int64_t lo = window_ > 0 ? std::max(kstart, p - window_ + 1) : kstart;
-                const float* qh = q + (t * H + hh) * dk;
-                float* out = o + (t * H + hh) * dv;
-                const uint16_t* kcg = kc + g * dk;
-                const uint16_t* vcg = vc + g * dv;
 #if defined(__AVX512F__)
                 if (fast) {
-                    const int64_t base = lo - lo % 16;
-                    float* s = ts;  // s[pos - base]
-                    if (batched)
-                        scores_tiny16(qh, kt + g * dk * ldk, ldk, lo - kstart, p + 1 - lo, dk, scale_, s + (lo - base));
-                    else
-                        scores_vec16(qh, kcg, kvk, vcg, kvv, dv, lo, p, dk, scale_, s + (lo - base));
-                    softmax16(s, base, lo, p);
-                    if (batched)
-                        pv16<16>(s, base, vcg, kvv, lo, p, dv, out);
-                    else
-                        pv_vec16(s, base, vcg, kvv, lo, p, dv, ts + s_len, out);
+                    const int64_t base = lo - lo % 16;  // scores at s[pos - base]
+                    const int nh = static_cast<int>(h1 - h0);
+                    const float* qh = q + (t * H + h0) * dk;
+                    float* out = o + (t * H + h0) * dv;
+                    if (batched) {
+                        scores_tiny16(qh, kt + g * dk * ldk, ldk, lo - kstart, p + 1 - lo, dk, scale_, ts + (lo - base));
+                        softmax16(ts, base, lo, p);
+                        pv16(ts, base, vcg, kvv, lo, p, dv, out);
+                    } else {
+                        scores_vec16(qh, nh, kcg, kvk, vcg, kvv, dv, lo, p, dk, scale_, ts + (lo - base), s_len);
+                        for (int j = 0; j < nh; ++j) softmax16(ts + j * s_len, base, lo, p);
+                        pv_vec16(ts, nh, s_len, base, vcg, kvv, lo, p, dv, ts + nh * s_len, out);
+                    }
                     continue;
                 }
 #endif
-                float* s = ts;
                 float* acc = ts + s_len;
                 float* row = acc + 4 * L * dv;
-                if (L == 16)
-                    attend_generic<16>(qh, kcg, kvk, vcg, kvv, lo, p, dk, dv, scale_, batched, s, acc, row, out);
-                else
-                    attend_generic<8>(qh, kcg, kvk, vcg, kvv, lo, p, dk, dv, scale_, batched, s, acc, row, out);
+                for (int64_t hh = h0; hh < h1; ++hh) {
+                    const float* qh = q + (t * H + hh) * dk;
+                    float* out = o + (t * H + hh) * dv;
+                    if (L == 16)
+                        attend_generic<16>(qh, kcg, kvk, vcg, kvv, lo, p, dk, dv, scale_, batched, ts, acc, row, out);
+                    else
+                        attend_generic<8>(qh, kcg, kvk, vcg, kvv, lo, p, dk, dv, scale_, batched, ts, acc, row, out);
+                }
             }
         }
         // 5-6. att = o @ Wo.T
@@ -1205,8 +1223,8 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n_gu; ++i) {
             const MatItem& it = gu_it[i];
-            run_mat(wg_, acts[gu_job.acts], gt, it);
-            run_mat(wu_, acts[gu_job.acts2], up, it);
+            run_mat(*gu_job.m, acts[gu_job.acts], gu_job.out, it);
+            run_mat(*gu_job.m2, acts[gu_job.acts2], gu_job.out2, it);
             const int64_t a0 = it.p * P, a1 = std::min(n, a0 + P);
             for (int64_t r = a0; r < a1; ++r) {
                 if (gelu_)

@@ -47,7 +47,9 @@ def _inputs(mf: ModelFile, n: int, seed: int) -> np.ndarray:
     return np.ascontiguousarray(x * np.float32(mf.config.embed_scale))
 
 
-def _compare(mf: ModelFile, cfg: dict, w: dict, steps=STEPS, n_threads: int = 2) -> tuple[float, int]:
+def _compare(
+    mf: ModelFile, cfg: dict, w: dict, steps=STEPS, n_threads: int = 2
+) -> tuple[float, int]:
     """Run both blocks over steps; assert agreement; return (max rel. diff, max cache ulps)."""
     py, cc = PyBlock(cfg, w, N_CTX, CpuBackend()), _core.Block(cfg, w, N_CTX)
     worst, worst_ulp = 0.0, 0
@@ -151,7 +153,10 @@ def test_weights_stay_alive(smollm: ModelFile) -> None:
     """The block keeps references to the arrays it reads (they may be its only owners)."""
     cfg, w = block_cfg(smollm.config, 0), block_weights(smollm, 0)
     ref = _core.Block(cfg, w, 16)
-    copies = {k: (v._replace(raw=v.raw.copy()) if isinstance(v, tuple) else v.copy()) for k, v in w.items()}
+    copies = {
+        k: (v._replace(raw=v.raw.copy()) if isinstance(v, tuple) else v.copy())
+        for k, v in w.items()
+    }
     blk = _core.Block(cfg, copies, 16)
     del copies
     gc.collect()
