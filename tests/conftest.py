@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from hybridllm.models.tiny import TINY_LLAMA, write_tiny_model
 
 from hybridllm import catalog
 
@@ -36,3 +37,12 @@ def gemma_path() -> str:
 @pytest.fixture(scope="session", params=["smollm2-135m", "gemma3-270m"])
 def real_model_path(request: pytest.FixtureRequest) -> str:
     return _model_path(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, smollm_path: str) -> str:
+    """A tiny random-weight llama GGUF with SmolLM2's vocabulary, written once per session."""
+    path = tmp_path_factory.getbasetemp() / "tiny-llama.gguf"
+    if not path.exists():
+        write_tiny_model(path, smollm_path, TINY_LLAMA)
+    return str(path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hybridllm.models.tiny import TINY_LLAMA, write_tiny_model
 
 from hybridllm.errors import ContextFullError, DeviceError
 from hybridllm.generate import Context, GenerationStats, StopStrings, common_prefix, generate_tokens
@@ -124,14 +123,6 @@ def test_earliest_stop_string_wins() -> None:
 
 
 # --- the Runner on a tiny model -----------------------------------------------------------------
-@pytest.fixture(scope="session")
-def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, smollm_path: str) -> str:
-    path = tmp_path_factory.getbasetemp() / "tiny-llama.gguf"
-    if not path.exists():
-        write_tiny_model(path, smollm_path, TINY_LLAMA)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def runner(tiny_llama_path: str) -> Runner:
     return Runner(tiny_llama_path, n_ctx=96, n_threads=2, seed=1)

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from hybridllm.models.tiny import TINY_GEMMA3, TINY_LLAMA, write_tiny_model
+from hybridllm.models.tiny import TINY_GEMMA3, write_tiny_model
 
 import hybridllm.model as model_mod
 from hybridllm.backends.cpu import CpuBackend, Matrix, RopeSpec, _round_f16, rope_table
@@ -32,14 +32,6 @@ def _rand(*shape: int, scale: float = 1.0) -> np.ndarray:
 
 
 # --- tiny models, shared by the test modules of one session ------------------------------------
-@pytest.fixture(scope="session")
-def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, smollm_path: str) -> str:
-    path = tmp_path_factory.getbasetemp() / "tiny-llama.gguf"
-    if not path.exists():
-        write_tiny_model(path, smollm_path, TINY_LLAMA)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(tiny_llama_path: str) -> ModelFile:
     return ModelFile(tiny_llama_path)
