@@ -230,14 +230,19 @@ def run(args: argparse.Namespace) -> str:
             res = bench_type(name, buf, cols, x_pp, out_pp, np_bytes, reps, backends, rng)
             prev = best.setdefault(name, {})
             for key, val in res.items():
-                prev[key] = max(prev.get(key, 0.0), val)
+                if key != "bw":
+                    prev[key] = max(prev.get(key, 0.0), val)
+            if res["cpp2"] >= prev.get("cpp2_round", 0.0):
+                # the read bandwidth measured alongside the best 2-thread matvec: the VM's memory
+                # bandwidth swings (35-68 GB/s between rounds), so maxima of both would not pair
+                prev["cpp2_round"], prev["bw"] = res["cpp2"], res["bw"]
             print(
                 f"# round {rnd + 1} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()),
                 flush=True,
             )
     for name in args.types:
         res = best[name]
-        # The % pairs the best 2-thread matvec with the best read bandwidth measured alongside it.
+        # The % pairs the best 2-thread matvec with the read bandwidth measured alongside it.
         pct = 100 * res["cpp2"] / res["bw"]
         results[name] = {**res, "pct": pct}
         mark = " (target)" if name in TARGET_TYPES else ""

@@ -825,7 +825,7 @@ Mat get_matrix(const py::dict& w, const char* name, int64_t rows, int64_t cols, 
     if (cols % ti.block_size != 0)
         value_error(nm + ": cols=" + std::to_string(cols) + " is not a multiple of the " + ti.name +
                     " block size " + std::to_string(ti.block_size));
-    if (get_kernel(qtype, 1, act_kind_for(qtype, true)) == nullptr || get_kernel(qtype, 1, act_kind_for(qtype, false)) == nullptr)
+    if (get_kernel(qtype, 1, act_kind_for(qtype)) == nullptr)
         value_error(nm + ": no matmul kernel for " + ti.name);
     py::object raw = seq[0];
     if (!py::isinstance<py::array>(raw)) value_error(nm + ": raw must be a numpy array");
@@ -993,20 +993,20 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
     int n_xn = 0, xn_kind[3], qkv_acts[3];
     const Mat* qkv_mat[3] = {&wq_, &wk_, &wv_};
     for (int i = 0; i < 3; ++i) {
-        const int kind = act_kind_for(qkv_mat[i]->type, simd);
+        const int kind = act_kind_for(qkv_mat[i]->type);
         int s = 0;
         while (s < n_xn && xn_kind[s] != kind) ++s;
         if (s == n_xn) xn_kind[n_xn++] = kind;
         qkv_acts[i] = A_XN0 + s;
     }
-    const int kind_g = act_kind_for(wg_.type, simd), kind_u = act_kind_for(wu_.type, simd);
+    const int kind_g = act_kind_for(wg_.type), kind_u = act_kind_for(wu_.type);
     const int n_h = kind_g == kind_u ? 1 : 2;
     auto layout = [&](ActSet* acts, const float* xn, const float* h) {
         for (int s = 0; s < n_xn; ++s) acts[A_XN0 + s].layout(xn_kind[s], xn, n, dim, P);
-        acts[A_O].layout(act_kind_for(wo_.type, simd), o, n, H * dv, P);
+        acts[A_O].layout(act_kind_for(wo_.type), o, n, H * dv, P);
         acts[A_H0].layout(kind_g, h, n, dim, P);
         if (n_h == 2) acts[A_H1].layout(kind_u, h, n, dim, P);
-        acts[A_ACT].layout(act_kind_for(wd_.type, simd), ac, n, ffn, P);
+        acts[A_ACT].layout(act_kind_for(wd_.type), ac, n, ffn, P);
     };
 
     // Attention work. Batches: (head, block of QB query rows), the latest rows (most keys)

@@ -55,14 +55,14 @@ thread_local Scratch t_scratch[kUserSlots + 1];
 
 struct Kernels {
     RowKernel k[MAX_NA + 1];
+    MatvecKernel mv;  // MATVEC_NR rows x 1 activation row, or nullptr
     int64_t rb;
 };
 
-// Kernels matching the activations' layout (so activations quantized before a set_force_scalar
-// switch still meet kernels that read them correctly).
 Kernels kernels_for(int type, int act_kind, int64_t cols) {
     Kernels ks{};
     for (int na = 1; na <= MAX_NA; ++na) ks.k[na] = get_kernel(type, na, act_kind);
+    ks.mv = get_matvec_kernel(type, act_kind);
     TypeInfo ti{};
     type_info(type, &ti);
     ks.rb = row_bytes(ti, cols);
@@ -101,7 +101,10 @@ inline void run_tile(const Kernels& ks, const uint8_t* w, const QActs& acts, int
     for (int64_t ag = a0; ag < a1; ag += MAX_NA) {
         const int na = static_cast<int>(std::min<int64_t>(MAX_NA, a1 - ag));
         const RowKernel k = ks.k[na];
-        for (int64_t r = r0; r < r1; ++r) k(cols, w + r * ks.rb, acts, ag, out + ag * os + r, os);
+        int64_t r = r0;
+        if (na == 1 && ks.mv != nullptr)
+            for (; r + MATVEC_NR <= r1; r += MATVEC_NR) ks.mv(cols, w + r * ks.rb, acts, ag, out + ag * os + r);
+        for (; r < r1; ++r) k(cols, w + r * ks.rb, acts, ag, out + ag * os + r, os);
     }
 }
 
@@ -166,7 +169,7 @@ bool force_scalar() { return g_force_scalar.load(); }
 void matmul(const uint8_t* w, int type, int64_t rows, int64_t cols, const float* x, int64_t n,
             float* out, int n_threads) {
     if (rows <= 0 || n <= 0) return;
-    const int kind = act_kind_for(type, !force_scalar());
+    const int kind = act_kind_for(type);
     void* buf = t_scratch[kUserSlots].get(acts_bytes(kind, n, cols));
     const QActs acts = acts_layout(kind, n, cols, buf, x);
     const Kernels ks = kernels_for(type, kind, cols);
@@ -175,7 +178,7 @@ void matmul(const uint8_t* w, int type, int64_t rows, int64_t cols, const float*
 }
 
 QActs quantize_acts(int type, const float* x, int64_t n, int64_t cols, int slot) {
-    const int kind = act_kind_for(type, !force_scalar());
+    const int kind = act_kind_for(type);
     slot = std::clamp(slot, 0, kUserSlots - 1);
     void* buf = t_scratch[slot].get(acts_bytes(kind, n, cols));
     const QActs acts = acts_layout(kind, n, cols, buf, x);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "matmul.h"
 #include "quants.h"
 
 #if defined(__AVX2__)
@@ -15,16 +16,15 @@
 
 namespace hl {
 
-int act_kind_for(int type, bool simd) {
-    simd = simd && have_simd_kernels();
+int act_kind_for(int type) {
     switch (type) {
         case T_F32:
         case T_F16:
         case T_BF16: return ACT_F32;
-        case T_Q4_1: return ACT_Q8_1;  // llama.cpp's q8_1, for the bit-exact Q4_1 kernels
+        case T_Q4_1:
+        case T_Q5_1: return ACT_Q8_1;
         case T_Q4_0:
         case T_Q5_0:
-        case T_Q5_1: return simd ? ACT_Q8_32P : ACT_Q8_32;
         case T_Q8_0: return ACT_Q8_32;
         default: return ACT_Q8_K;
     }
@@ -36,7 +36,6 @@ constexpr size_t align64(size_t v) { return (v + 63) & ~size_t{63}; }
 
 // Bytes of each array, in the order they sit in the buffer:
 //   ACT_Q8_32:  qs [n][cols] int8 | d [n][nb] float | s [n][nb] float
-//   ACT_Q8_32P: qs [n][256 ng] int8 | ds [n][16 ng] float
 //   ACT_Q8_K:   qs [n][cols] int8 | d [n][nb] float | bsums [n][cols/16] int16
 struct Sizes {
     size_t qs, d, extra;
@@ -45,10 +44,6 @@ struct Sizes {
 Sizes sizes(int kind, int64_t n, int64_t cols) {
     const size_t nn = static_cast<size_t>(n), cc = static_cast<size_t>(cols);
     if (kind == ACT_Q8_32 || kind == ACT_Q8_1) return {align64(nn * cc), align64(nn * (cc / QK) * 4), align64(nn * (cc / QK) * 4)};
-    if (kind == ACT_Q8_32P) {
-        const size_t ng = static_cast<size_t>(q8p_groups(cols));
-        return {align64(nn * ng * 256), align64(nn * ng * 64), 0};
-    }
     if (kind == ACT_Q8_K) return {align64(nn * cc), align64(nn * (cc / QK_K) * 4), align64(nn * (cc / 16) * 2)};
     return {0, 0, 0};
 }
@@ -133,24 +128,6 @@ void quantize_row_q8_32(const float* x, int64_t cols, int8_t* q, float* d, float
     }
 }
 
-// One row in the ACT_Q8_32P order (see vecdot.h): codes in pairs, scales in groups of 8 blocks,
-// zeros past the last block.
-void quantize_row_q8_32p(const float* x, int64_t cols, int8_t* q, float* ds) {
-    const int64_t nb = cols / QK, ng = q8p_groups(cols);
-    std::memset(q, 0, static_cast<size_t>(ng) * 256);
-    std::memset(ds, 0, static_cast<size_t>(ng) * 64);
-    for (int64_t b = 0; b < nb; ++b) {
-        alignas(32) int8_t qb[QK];
-        float d = 0.0f;
-        const int sum = quantize_block32(x + b * QK, qb, &d);
-        int8_t* o = q + 64 * (b / 2) + 16 * (b % 2);  // A or B half of its pair
-        std::memcpy(o, qb, 16);
-        std::memcpy(o + 32, qb + 16, 16);
-        ds[2 * b] = d;
-        ds[2 * b + 1] = d * static_cast<float>(sum);
-    }
-}
-
 // One 256-block with a single scale; bsums[g] = sum of q over elements 16 g .. 16 g + 15.
 void quantize_block_q8_K(const float* x, int8_t* q, float* d, int16_t* bsums) {
 #if defined(__AVX2__)
@@ -164,8 +141,11 @@ void quantize_block_q8_K(const float* x, int8_t* q, float* d, int16_t* bsums) {
     float amax = 0.0f;
     for (int j = 0; j < QK_K; ++j) amax = std::fmax(amax, std::fabs(x[j]));
 #endif
-    *d = amax / 127.0f;
+    // llama.cpp's quantize_row_q8_K: iscale = -127 / max (max = the signed value of largest
+    // magnitude) and d = 1 / iscale. The sign flips both d and q, so products are unchanged and
+    // only |d| = 1 / (127 / amax) matters; it differs from amax / 127 in the last bit.
     const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    *d = amax != 0.0f ? 1.0f / id : 0.0f;
 #if defined(__AVX2__)
     const __m256 vid = _mm256_set1_ps(id);
     for (int j = 0; j < QK_K; j += 32) {
@@ -234,10 +214,6 @@ void quantize_acts_rows(const QActs& a, const float* x, int64_t r0, int64_t r1) 
             const int64_t nb = cols / QK;
             quantize_row_q8_32(xr, cols, q, const_cast<float*>(a.d) + r * nb,
                                const_cast<float*>(a.s) + r * nb, a.kind == ACT_Q8_1);
-        } else if (a.kind == ACT_Q8_32P) {
-            const int64_t ng = q8p_groups(cols);
-            quantize_row_q8_32p(xr, cols, const_cast<int8_t*>(a.qs) + r * ng * 256,
-                                const_cast<float*>(a.d) + r * ng * 16);
         } else if (a.kind == ACT_Q8_K) {
             const int64_t nb = cols / QK_K;
             float* d = const_cast<float*>(a.d) + r * nb;
@@ -248,9 +224,14 @@ void quantize_acts_rows(const QActs& a, const float* x, int64_t r0, int64_t r1) 
     }
 }
 
+MatvecKernel get_matvec_kernel(int type, int act_kind) {
+    return force_scalar() ? nullptr : get_matvec_kernel_avx2(type, act_kind);
+}
+
 RowKernel get_kernel(int type, int na, int act_kind) {
     if (na < 1 || na > MAX_NA) return nullptr;
-    if (RowKernel k = get_kernel_avx2(type, na, act_kind)) return k;
+    if (!force_scalar())
+        if (RowKernel k = get_kernel_avx2(type, na, act_kind)) return k;
     return get_kernel_scalar(type, na, act_kind);
 }
 

@@ -2,25 +2,17 @@
 // the activations are quantized once per matmul to the weight type's partner format, then each
 // weight row is dotted with a few activation rows at a time.
 //
-// Partner formats (our own SoA layout; one QActs holds n activation rows):
+// Partner formats (our own SoA layout; one QActs holds n activation rows). Each is rounded exactly
+// as llama.cpp quantizes activations for that weight type, and the SIMD kernels follow the
+// arithmetic order of the llama.cpp kernel this CPU would run (ggml vec_dot, llamafile tinyBLAS
+// or the repacked q4_0 / q4_K 8x8 kernels), so the products match llama.cpp bit for bit:
 //   ACT_F32   F32 / F16 / BF16 weights: the float activations themselves.
-//   ACT_Q8_32 Q8_0, and Q4_0 Q5_0 Q5_1 on the scalar path ("Q8_0"/"Q8_1"): blocks of 32
-//             int8 with a float scale d rounded to fp16 (as llama.cpp's quantize_row_q8_0 stores
-//             it) and s = d * sum(q) (the block sum that the min / offset terms need).
-//   ACT_Q8_32P Q4_0 Q4_1 Q5_0 Q5_1 on the AVX2 path: the same blocks, with the codes stored in
-//             pairs laid out the way a pair of 4/5-bit weight blocks unpacks into two registers
-//             (so one 256-bit op handles two blocks) and the scales in groups of 8 blocks (so one
-//             op scales 4 blocks). Per pair p of blocks (A, B) = (2p, 2p + 1):
-//               qs[64 p ..]: A[0:16] B[0:16] A[16:32] B[16:32]   (B = zeros past the last block)
-//             Per group g of blocks 8g .. 8g + 7:
-//               ds[16 g ..]: d0 s0 d1 s1 ... d7 s7   (float; s = d * sum(q); zeros past the end)
-//             qs holds 4 pairs per group (zero padded), i.e. q8p_groups(cols) * 256 bytes a row.
-//   ACT_Q8_1  Q4_1 (both paths): the ACT_Q8_32 layout, rounded exactly as llama.cpp's
-//             quantize_row_q8_1: d = fp16(amax / 127), s = fp16(d_f32 * sum(q)) with the unrounded
-//             d_f32 (both stored as floats holding half values). The Q4_1 kernels follow
-//             ggml_vec_dot_q4_1_q8_1's AVX2 arithmetic order, so results match llama.cpp bit for bit.
-//   ACT_Q8_K  K-quants ("Q8_K"): blocks of 256 int8 with a float scale d and the int16 sums of
-//             each 16-element group (bsums), for the per-16 mins / offsets.
+//   ACT_Q8_32 Q4_0 Q5_0 Q8_0 ("Q8_0"): blocks of 32 int8 with the scale d = fp16(amax / 127)
+//             (stored as a float holding a half value) and s = d * sum(q), for the scalar path.
+//   ACT_Q8_1  Q4_1 Q5_1 ("Q8_1"): the same layout, rounded as quantize_row_q8_1:
+//             d = fp16(amax / 127), s = fp16(d_f32 * sum(q)) with the unrounded d_f32.
+//   ACT_Q8_K  K-quants ("Q8_K"): blocks of 256 int8 with a float scale d = 1 / (127 / amax) and
+//             the int16 sums of each 16-element group (bsums), for the per-16 mins / offsets.
 #pragma once
 
 #include <cstddef>
@@ -28,23 +20,19 @@
 
 namespace hl {
 
-enum ActKind : int { ACT_F32 = 0, ACT_Q8_32 = 1, ACT_Q8_K = 2, ACT_Q8_32P = 3, ACT_Q8_1 = 4 };
+enum ActKind : int { ACT_F32 = 0, ACT_Q8_32 = 1, ACT_Q8_K = 2, ACT_Q8_1 = 3 };
 
-// Partner activation format of a weight type (type must be supported) for the SIMD kernels
-// (simd = true, where the build has them) or the scalar ones.
-int act_kind_for(int type, bool simd);
-
-// Groups of 8 32-blocks (4 pairs) in a row of the ACT_Q8_32P layout.
-inline int64_t q8p_groups(int64_t cols) { return (cols / 32 + 7) / 8; }
+// Partner activation format of a weight type (type must be supported); the same for the SIMD
+// and the scalar kernels.
+int act_kind_for(int type);
 
 struct QActs {
     int kind = ACT_F32;
     int64_t n = 0, cols = 0;
     const float* xf = nullptr;         // ACT_F32: [n][ld]
     int64_t ld = 0;                    // ACT_F32: row stride of xf in floats (>= cols)
-    const int8_t* qs = nullptr;        // quantized: [n][cols] (ACT_Q8_32P: [n][256 groups])
-    const float* d = nullptr;          // ACT_Q8_32 / ACT_Q8_1: [n][cols/32]; ACT_Q8_K: [n][cols/256];
-                                       // ACT_Q8_32P: ds [n][16 groups]
+    const int8_t* qs = nullptr;        // quantized: [n][cols]
+    const float* d = nullptr;          // ACT_Q8_32 / ACT_Q8_1: [n][cols/32]; ACT_Q8_K: [n][cols/256]
     const float* s = nullptr;          // ACT_Q8_32 / ACT_Q8_1: [n][cols/32], d * sum(q)
     const int16_t* bsums = nullptr;    // ACT_Q8_K: [n][cols/16]
 };
@@ -66,6 +54,18 @@ using RowKernel = void (*)(int64_t cols, const uint8_t* w, const QActs& a, int64
 
 constexpr int MAX_NA = 4;  // activation rows per kernel call (register tile height)
 
+// A matvec kernel dots MATVEC_NR consecutive weight rows (w, w + row bytes, ...) with the one
+// activation row a0: out[r] = sum_c W_r[c] * x[a0][c]. Each output is still one float chain in
+// llama.cpp's order; running several rows' chains side by side hides the FMA latency that would
+// otherwise bound the memory-bound n = 1 product.
+using MatvecKernel = void (*)(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0,
+                              float* out);
+
+constexpr int MATVEC_NR = 4;
+
+// The SIMD matvec kernel for `type` against `act_kind`, or nullptr (use the row kernels).
+MatvecKernel get_matvec_kernel(int type, int act_kind);
+
 // Kernel for `type` computing na (1..MAX_NA) rows against activations of kind `act_kind`: the
 // SIMD one when the build has it for that pair, else the scalar one; nullptr when there is none
 // (unsupported type, or a kind that does not partner the type).
@@ -74,6 +74,7 @@ RowKernel get_kernel(int type, int na, int act_kind);
 // Table entries filled by vecdot_avx2.cpp / vecdot_scalar.cpp (nullptr where they have none).
 RowKernel get_kernel_scalar(int type, int na, int act_kind);
 RowKernel get_kernel_avx2(int type, int na, int act_kind);
+MatvecKernel get_matvec_kernel_avx2(int type, int act_kind);
 
 // Whether this build has SIMD kernels at all.
 bool have_simd_kernels();

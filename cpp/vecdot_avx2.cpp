@@ -55,53 +55,101 @@ HL_INLINE __m128 k_scales(const uint8_t* p, const float* da) {
     return _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(load_u32(p)))), _mm_broadcast_ss(da));
 }
 
-// ---- Q8_0 (32-element blocks, ACT_Q8_32 activations) ----------------------------------------
-
-// One Q8_0 block for NA rows: acc[i] += (dw * da_i) * (w . a_i). Signed weights: |w| goes in as
-// the unsigned operand, sign(w) onto the activation.
-template <int NA>
-HL_INLINE void step_q8_0(const uint8_t* blk, int64_t b, const int8_t* const* aq,
-                         const float* const* ad, __m256* acc) {
-    const __m256i q = loadu256(blk + 2);
-    const __m256i qabs = _mm256_sign_epi8(q, q);
-    const __m256 dw = _mm256_set1_ps(load_f16(blk));
-#pragma GCC unroll 8
-    for (int i = 0; i < NA; ++i) {
-        const __m256i p = dot_u8s8(qabs, _mm256_sign_epi8(loadu256(aq[i] + b * QK), q));
-        const __m256 scale = _mm256_mul_ps(dw, _mm256_broadcast_ss(ad[i] + b));
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[i]);
-    }
-}
-
-template <int NA>
-void dot_q8_0(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out, int64_t os) {
-    constexpr size_t kB = sizeof(block_q8_0);
-    const int64_t nb = cols / QK;
-    const int8_t* aq[NA];
-    const float* ad[NA];
-    for (int i = 0; i < NA; ++i) {
-        aq[i] = a.qs + (a0 + i) * cols;
-        ad[i] = a.d + (a0 + i) * nb;
-    }
-    // One accumulator, blocks in order: ggml_vec_dot_q8_0_q8_0's AVX2 arithmetic (lane l = the
-    // integer dot of elements 4l .. 4l + 3, acc = fma(dw * da, dot, acc), hsum_float_8), so with
-    // the fp16-rounded activation scales the result is llama.cpp's vec_dot bit for bit.
-    __m256 acc[NA];
-    for (int i = 0; i < NA; ++i) acc[i] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) step_q8_0<NA>(w + b * kB, b, aq, ad, acc);
-    for (int i = 0; i < NA; ++i) out[i * os] = hsum_ps(acc[i]);
-}
-
-// ---- Q4_1 (ACT_Q8_1 activations), bit-exact with llama.cpp ------------------------------------
+// ---- 32-element blocks (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0), bit-exact with llama.cpp -------------------
 //
-// ggml_vec_dot_q4_1_q8_1 (AVX2 / AVX512-VNNI build), per block: summs = fma(m, s, summs) (the
-// compiler contracts `summs += m * s`); the block unpacks to low nibbles in bytes 0-15 and high
-// nibbles in 16-31; lane l of the integer dot sums elements 4l .. 4l + 3; acc = fma(d * da, dot,
-// acc). Result hsum_float_8(acc) + summs. One accumulator in block order: no reassociation.
-template <int NA>
-void dot_q4_1_exact(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out,
-                    int64_t os) {
-    constexpr size_t kB = sizeof(block_q4_1);
+// Each block's codes are unpacked in element order (low nibbles -> elements 0-15, high nibbles
+// -> 16-31) and dotted with the activation block so that int32 lane l holds the exact integer dot
+// of elements 4l .. 4l + 3. The float side then follows the llama.cpp kernel for the type:
+//   LANES (ggml_vec_dot_*_q8_0 / _q8_1 and llamafile's tinyBLAS, which agree): per block
+//     acc8 = fma(dw * da, float(dot lanes), acc8); result hsum_float_8(acc8) [+ summs], where
+//     summs = fma(m, s, summs) per block for the formats with a min (Q4_1, Q5_1).
+//   CHAIN (the repacked q4_0 8x8 gemv / gemm that llama.cpp runs for Q4_0 on AVX2): per block
+//     acc = fma(float(sum of the 8 lanes), dw * da, acc), one scalar chain.
+// One output's chain must stay in block order, so the matvec kernels run MATVEC_NR rows' chains
+// side by side instead of splitting a row.
+
+struct Fmt8_0 {  // int8 codes
+    static constexpr size_t kBytes = sizeof(block_q8_0);
+    static constexpr bool kSigned = true, kMin = false, kChain = false;
+    static HL_INLINE __m256i codes(const uint8_t* b) { return loadu256(b + 2); }
+};
+
+// Nibbles of 16 bytes in element order: low nibbles in bytes 0-15, high ones in 16-31.
+HL_INLINE __m256i nibbles32(const uint8_t* qs) {
+    const __m128i raw = loadu128(qs);
+    return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1),
+                            _mm256_set1_epi8(0x0f));
+}
+
+// 0xff in byte j where bit j of the 32 bits at qh is set (ggml's bytes_from_bits_32).
+HL_INLINE __m256i bit_bytes32(const uint8_t* qh) {
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(static_cast<int>(load_u32(qh))),
+        _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+    return _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+                             _mm256_set1_epi64x(-1));
+}
+
+struct Fmt4_0 {  // q - 8
+    static constexpr size_t kBytes = sizeof(block_q4_0);
+    static constexpr bool kSigned = true, kMin = false, kChain = true;
+    static HL_INLINE __m256i codes(const uint8_t* b) {
+        return _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8));
+    }
+};
+
+struct Fmt4_1 {  // q, value = d q + m
+    static constexpr size_t kBytes = sizeof(block_q4_1);
+    static constexpr bool kSigned = false, kMin = true, kChain = false;
+    static HL_INLINE __m256i codes(const uint8_t* b) { return nibbles32(b + 4); }
+};
+
+struct Fmt5_0 {  // (q | h << 4) - 16
+    static constexpr size_t kBytes = sizeof(block_q5_0);
+    static constexpr bool kSigned = true, kMin = false, kChain = false;
+    static HL_INLINE __m256i codes(const uint8_t* b) {
+        const __m256i lo = nibbles32(b + 6);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+        return _mm256_mask_sub_epi8(lo, static_cast<__mmask32>(~load_u32(b + 2)), lo, _mm256_set1_epi8(16));
+#else
+        return _mm256_or_si256(lo, _mm256_andnot_si256(bit_bytes32(b + 2), _mm256_set1_epi8(static_cast<char>(0xf0))));
+#endif
+    }
+};
+
+struct Fmt5_1 {  // q | h << 4, value = d q + m
+    static constexpr size_t kBytes = sizeof(block_q5_1);
+    static constexpr bool kSigned = false, kMin = true, kChain = false;
+    static HL_INLINE __m256i codes(const uint8_t* b) {
+        const __m256i lo = nibbles32(b + 8);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+        return _mm256_mask_add_epi8(lo, static_cast<__mmask32>(load_u32(b + 4)), lo, _mm256_set1_epi8(16));
+#else
+        return _mm256_or_si256(lo, _mm256_and_si256(bit_bytes32(b + 4), _mm256_set1_epi8(16)));
+#endif
+    }
+};
+
+// Integer dot lanes of codes q (as F unpacks them) with activation codes a.
+template <class F>
+HL_INLINE __m256i block_dot(__m256i q, __m256i qabs, __m256i a) {
+    if constexpr (F::kSigned) return dot_u8s8(qabs, _mm256_sign_epi8(a, q));
+    return dot_u8s8(q, a);
+}
+
+HL_INLINE int hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+// NR weight rows (rows of `rb` bytes from w) x NA activation rows (a0 ..); one of NR, NA is 1.
+// out[i * os + r] (os: the activation-row stride of out; the rows of one activation are adjacent).
+template <class F, int NR, int NA>
+HL_INLINE void dot32_tile(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t a0,
+                          float* out, int64_t os) {
+    constexpr size_t kB = F::kBytes;
     const int64_t nb = cols / QK;
     const int8_t* aq[NA];
     const float *ad[NA], *as[NA];
@@ -110,169 +158,69 @@ void dot_q4_1_exact(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, 
         ad[i] = a.d + (a0 + i) * nb;
         as[i] = a.s + (a0 + i) * nb;
     }
-    __m256 acc[NA];
-    float summs[NA];
-    for (int i = 0; i < NA; ++i) {
-        acc[i] = _mm256_setzero_ps();
-        summs[i] = 0.0f;
-    }
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* blk = w + b * kB;
-        if ((b & 15) == 0) prefetch_ahead(blk, 16 * kB);
-        const float d0 = load_f16(blk), m0 = load_f16(blk + 2);
-        const __m128i raw = loadu128(blk + 4);
-        const __m256i qx = _mm256_and_si256(
-            _mm256_inserti128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1), m4);
+    __m256 acc[NR][NA];
+    float accs[NR][NA], summs[NR][NA];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r)
         for (int i = 0; i < NA; ++i) {
-            summs[i] = __builtin_fmaf(m0, as[i][b], summs[i]);
-            const __m256 d0d1 = _mm256_set1_ps(d0 * ad[i][b]);
-            const __m256i p = dot_u8s8(qx, loadu256(aq[i] + b * QK));
-            acc[i] = _mm256_fmadd_ps(d0d1, _mm256_cvtepi32_ps(p), acc[i]);
+            acc[r][i] = _mm256_setzero_ps();
+            accs[r][i] = summs[r][i] = 0.0f;
         }
-    }
-    for (int i = 0; i < NA; ++i) out[i * os] = hsum_ps(acc[i]) + summs[i];
-}
-
-
-// ---- Q4_0 Q4_1 Q5_0 Q5_1 (pairs of 32-blocks, ACT_Q8_32P activations) --------------------------
-//
-// All four are treated as value = d * q + m with unsigned codes q: Q4_1 / Q5_1 store m, and
-// Q4_0 / Q5_0 have m = -8 d / -16 d. Per block and activation row (a = da * qa):
-//     sum_j value_j a_j = (d da) (q . qa) + m (da sum(qa)) = (d da) isum + m s
-// Two weight blocks A, B unpack into lo = [A 0-15 | B 0-15] and hi = [A 16-31 | B 16-31],
-// matching the paired activation codes, so each 256-bit op covers both blocks and the int32
-// lanes 0-3 / 4-7 of a dot belong to A / B. The float scales are handled per group of 8 blocks:
-// W = [d0 m0 d1 m1 ... d3 m3] (and blocks 4-7) times the activations' [da0 s0 da1 s1 ...] gives
-// d da in the even lanes (broadcast per pair with one permute) and m s in the odd ones (summed
-// into a separate accumulator).
-// QS / QH: byte offsets of the nibbles and of the 32 high bits (-1: none) in a block; MIN: the
-// block has an f16 min after d; OFF: the code offset of the formats without a min.
-template <int QS, int QH, bool MIN, int OFF>
-struct Pair {
-    static constexpr size_t kBytes = QS + 16;
-
-    // Codes of blocks A and B (B absent: zeros) as lo / hi registers.
-    template <bool HAS_B>
-    static HL_INLINE void codes(const uint8_t* A, const uint8_t* B, __m256i& lo, __m256i& hi) {
-        const __m128i qa = loadu128(A + QS);
-        const __m256i v = HAS_B ? _mm256_inserti128_si256(_mm256_castsi128_si256(qa), loadu128(B + QS), 1)
-                                : _mm256_zextsi128_si256(qa);
-        const __m256i m4 = _mm256_set1_epi8(0x0f);
-        lo = _mm256_and_si256(v, m4);
-        hi = high_nibbles(v);
-        if constexpr (QH >= 0) {
-            const uint32_t ha = load_u32(A + QH), hb = HAS_B ? load_u32(B + QH) : 0u;
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-            // Byte k of lo takes bit k of qhA (low lane) / qhB (high lane); hi takes bits 16-31.
-            const __m256i five = _mm256_set1_epi8(0x10);
-#if defined(__BMI2__)
-            const uint64_t both = ha | uint64_t{hb} << 32;
-            lo = _mm256_mask_add_epi8(lo, static_cast<__mmask32>(_pext_u64(both, 0x0000ffff0000ffffull)), lo, five);
-            hi = _mm256_mask_add_epi8(hi, static_cast<__mmask32>(_pext_u64(both, 0xffff0000ffff0000ull)), hi, five);
-#else
-            lo = _mm256_mask_add_epi8(lo, (ha & 0xffffu) | (hb << 16), lo, five);
-            hi = _mm256_mask_add_epi8(hi, (ha >> 16) | (hb & 0xffff0000u), hi, five);
-#endif
-#else
-            // Spread the source bytes (qhA bytes 0-3, qhB bytes 4-7) and test one bit per byte.
-            const __m256i spread =
-                _mm256_set1_epi64x(static_cast<int64_t>(ha | uint64_t{hb} << 32));
-            const __m256i sel = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
-            const __m256i five = _mm256_set1_epi8(0x10);
-            const __m256i ilo = _mm256_setr_epi64x(0, 0x0101010101010101, 0x0404040404040404, 0x0505050505050505);
-            const __m256i ihi = _mm256_setr_epi64x(0x0202020202020202, 0x0303030303030303,
-                                                   0x0606060606060606, 0x0707070707070707);
-            const __m256i hlo = _mm256_and_si256(_mm256_shuffle_epi8(spread, ilo), sel);
-            const __m256i hhi = _mm256_and_si256(_mm256_shuffle_epi8(spread, ihi), sel);
-            lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(hlo, sel), five));
-            hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(hhi, sel), five));
-#endif
+    for (int64_t b = 0; b < nb; ++b) {
+        __m256i q[NR], qabs[NR];
+        float dw[NR], mw[NR];
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; ++r) {
+            const uint8_t* blk = w + r * rb + b * kB;
+            // Prefetch: one row's stream ahead; with NR rows side by side the rows that follow
+            // this group's are the ones not yet streaming, so aim at the same spot NR rows on.
+            if ((b & 15) == 0) {
+                if constexpr (NR == 1)
+                    prefetch_ahead(blk, 16 * kB);
+                else
+                    for (size_t o = 0; o < 16 * kB; o += 64) _mm_prefetch(reinterpret_cast<const char*>(blk) + NR * rb + o, _MM_HINT_T0);
+            }
+            dw[r] = load_f16(blk);
+            if constexpr (F::kMin) mw[r] = load_f16(blk + 2);
+            q[r] = F::codes(blk);
+            if constexpr (F::kSigned) qabs[r] = _mm256_sign_epi8(q[r], q[r]);
         }
-    }
-
-    // Scale words of the 8 blocks of a group (n < 8 present): 32 bits at the start of each block,
-    // i.e. d | m << 16 for the formats with a min; else d | d << 16 (the odd lanes then hold d
-    // instead of m = -OFF d; the factor -OFF is applied once, to the final sum: see dot_pair).
-    // Converted: lo = [d0 m0 d1 m1 d2 m2 d3 m3], hi = the same for blocks 4-7 (zeros past n).
-    template <bool FULL>
-    static HL_INLINE __m256 scales4(const uint8_t* b, int n) {
-        __m128i v = _mm_cvtsi32_si128(static_cast<int>(load_u32(b)));
-        if (FULL || n > 1) v = _mm_insert_epi32(v, static_cast<int>(load_u32(b + kBytes)), 1);
-        if (FULL || n > 2) v = _mm_insert_epi32(v, static_cast<int>(load_u32(b + 2 * kBytes)), 2);
-        if (FULL || n > 3) v = _mm_insert_epi32(v, static_cast<int>(load_u32(b + 3 * kBytes)), 3);
-        if constexpr (!MIN)  // duplicate the low 16 bits (d) into the high ones
-            v = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13));
-        return _mm256_cvtph_ps(v);
-    }
-    template <bool FULL>
-    static HL_INLINE void scales8(const uint8_t* b, int n, __m256& lo, __m256& hi) {
-        lo = scales4<FULL>(b, n);
-        hi = FULL || n > 4 ? scales4<FULL>(b + 4 * kBytes, n - 4) : _mm256_setzero_ps();
-    }
-    static constexpr float kMinFactor = MIN ? 1.0f : -static_cast<float>(OFF);
-};
-
-using PQ4_0 = Pair<2, -1, false, 8>;
-using PQ4_1 = Pair<4, -1, true, 0>;
-using PQ5_0 = Pair<6, 2, false, 16>;
-using PQ5_1 = Pair<8, 4, true, 0>;
-
-// One group of 8 blocks (n of them present) for NA activation rows.
-template <class P, int NA, bool FULL>
-HL_INLINE void group_step(const uint8_t* w, int64_t g, int n, const int8_t* const* aq,
-                          const float* const* ads, __m256 (*acc)[2], __m256* accm) {
-    __m256 w0, w1;
-    P::template scales8<FULL>(w, n, w0, w1);
-    __m256 p0[NA], p1[NA];
-    for (int i = 0; i < NA; ++i) {
-        p0[i] = _mm256_mul_ps(w0, _mm256_loadu_ps(ads[i] + 16 * g));
-        p1[i] = _mm256_mul_ps(w1, _mm256_loadu_ps(ads[i] + 16 * g + 8));
-        accm[i] = _mm256_add_ps(accm[i], _mm256_add_ps(p0[i], p1[i]));  // odd lanes: m s
+#pragma GCC unroll 4
+        for (int i = 0; i < NA; ++i) {
+            const __m256i av = loadu256(aq[i] + b * QK);
+    #pragma GCC unroll 4
+        for (int r = 0; r < NR; ++r) {
+                const __m256i dot = block_dot<F>(q[r], qabs[r], av);
+                const float dd = dw[r] * ad[i][b];
+                if constexpr (F::kChain) {
+                    accs[r][i] = __builtin_fmaf(static_cast<float>(hsum_epi32(dot)), dd, accs[r][i]);
+                } else {
+                    if constexpr (F::kMin) summs[r][i] = __builtin_fmaf(mw[r], as[i][b], summs[r][i]);
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(dot), acc[r][i]);
+                }
+            }
+        }
     }
 #pragma GCC unroll 4
-    for (int p = 0; p < 4; ++p) {
-        if (!FULL && 2 * p >= n) break;
-        const uint8_t* A = w + 2 * p * P::kBytes;
-        __m256i lo, hi;
-        if (FULL || 2 * p + 1 < n)
-            P::template codes<true>(A, A + P::kBytes, lo, hi);
-        else
-            P::template codes<false>(A, A, lo, hi);
-        // Lanes 0-3 = d da of block 2p, 4-7 = of block 2p + 1 (even lanes of the group's product).
-        const __m256i idx = (p % 2) ? _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)
-                                    : _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+    for (int r = 0; r < NR; ++r)
         for (int i = 0; i < NA; ++i) {
-            const int8_t* q = aq[i] + 256 * g + 64 * p;
-            const __m256i isum = dot_u8s8_acc(dot_u8s8(lo, loadu256(q)), hi, loadu256(q + 32));
-            const __m256 dd = _mm256_permutevar8x32_ps(p < 2 ? p0[i] : p1[i], idx);
-            acc[i][p % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dd, acc[i][p % 2]);
+            float v;
+            if constexpr (F::kChain)
+                v = accs[r][i];
+            else
+                v = F::kMin ? hsum_ps(acc[r][i]) + summs[r][i] : hsum_ps(acc[r][i]);
+            out[i * os + r] = v;
         }
-    }
 }
 
-template <class P, int NA>
-void dot_pair(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out, int64_t os) {
-    constexpr size_t kB = P::kBytes;
-    const int64_t nb = cols / QK, ng = q8p_groups(cols), full = nb / 8;
-    const int8_t* aq[NA];
-    const float* ads[NA];
-    for (int i = 0; i < NA; ++i) {
-        aq[i] = a.qs + (a0 + i) * ng * 256;
-        ads[i] = a.d + (a0 + i) * ng * 16;
-    }
-    __m256 acc[NA][2], accm[NA];
-    for (int i = 0; i < NA; ++i) acc[i][0] = acc[i][1] = accm[i] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < full; ++g) {
-        prefetch_ahead(w + 8 * g * kB, 8 * kB);
-        group_step<P, NA, true>(w + 8 * g * kB, g, 8, aq, ads, acc, accm);
-    }
-    if (full < ng) group_step<P, NA, false>(w + 8 * full * kB, full, static_cast<int>(nb - 8 * full), aq, ads, acc, accm);
-    const __m256 odd = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
-    for (int i = 0; i < NA; ++i) {
-        const float m = P::kMinFactor * hsum_ps(_mm256_and_ps(accm[i], odd));
-        out[i * os] = hsum_ps(_mm256_add_ps(acc[i][0], acc[i][1])) + m;
-    }
+template <class F, int NA>
+void dot32(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out, int64_t os) {
+    dot32_tile<F, 1, NA>(cols, w, 0, a, a0, out, os);
+}
+
+template <class F>
+void matvec32(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out) {
+    dot32_tile<F, MATVEC_NR, 1>(cols, w, static_cast<int64_t>(cols / QK * F::kBytes), a, a0, out, 0);
 }
 
 // ---- K-quants (256-element super-blocks, ACT_Q8_K activations) -------------------------------
@@ -327,31 +275,36 @@ HL_INLINE void k_rows(const QActs& a, int64_t a0, int64_t cols, KRows* r) {
     }
 }
 
-// Q4_K: value = d * sc[j] * q - dmin * m[j] per 32-group j.
-//   sum = d * da * sum_j sc[j] * (q . a)_j  -  dmin * da * sum_j m[j] * (bsum[2j] + bsum[2j+1])
+// Q4_K: value = d * sc[j] * q - dmin * m[j] per 32-group j, in the arithmetic of llama.cpp's
+// repacked q4_K 8x8 kernels (what it runs for Q4_K on AVX2 when the row count is a multiple of 8).
+// Per super-block, with exact integer sums isum = sum_j sc[j] (q . a)_j and
+// imin = sum_j m[j] (bsum[2j] + bsum[2j+1]) over the sub-blocks j of a span:
+//     acc = fma(float(isum), d * da, acc),  accm = fma(float(imin), dmin * da, accm)
+// result acc - accm. ggml_gemv (activation rows past the last multiple of 4 of the call) takes
+// the whole super-block as one span; ggml_gemm (rows in groups of 4) takes each pair of
+// sub-blocks (64 elements) as a span.
 template <int NA>
 void dot_q4_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out, int64_t os) {
     KRows r[NA];
     k_rows<NA>(a, a0, cols, r);
     const int64_t nb = cols / QK_K;
-    __m256 acc[NA], accm[NA];
-    for (int i = 0; i < NA; ++i) acc[i] = accm[i] = _mm256_setzero_ps();
+    const int64_t gemm_rows = a.n - a.n % 4;
+    bool per_pair[NA];
+    float acc[NA], accm[NA];
+    for (int i = 0; i < NA; ++i) {
+        per_pair[i] = a0 + i < gemm_rows;
+        acc[i] = accm[i] = 0.0f;
+    }
     const __m256i low4 = _mm256_set1_epi8(0x0f);
     for (int64_t b = 0; b < nb; ++b) {
         const auto* x = reinterpret_cast<const block_q4_K*>(w) + b;
         prefetch_ahead(x, sizeof(*x));
+        const float dw = load_f16(x->d), dmw = load_f16(x->dmin);
         const __m128i scmn = scale_min_k4(x->scales);  // bytes 0-7: sc[j], 8-15: m[j]
         const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn));
         const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(scmn, scmn));  // m[j] per 16-group
-        // Two integer accumulators per row (even / odd sub-blocks) halve the dependency chain.
-        __m256i isum[NA][2];
-        __m128 dd[NA];
-        for (int i = 0; i < NA; ++i) {
-            dd[i] = k_scales(x->d, r[i].ad + b);  // d da, dmin da
-            const __m256i pm = _mm256_madd_epi16(loadu256(r[i].bs + b * 16), mn16);
-            accm[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pm), _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dd[i]), _mm256_set1_epi32(1)), accm[i]);
-            isum[i][0] = isum[i][1] = _mm256_setzero_si256();
-        }
+        __m256i tot[NA], pair[NA][4];
+        for (int i = 0; i < NA; ++i) tot[i] = _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) {
             const __m256i v = loadu256(x->qs + 32 * c);
@@ -360,15 +313,37 @@ void dot_q4_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
             const __m256i s_lo = lane_scale(sc16, 2 * c), s_hi = lane_scale(sc16, 2 * c + 1);
             for (int i = 0; i < NA; ++i) {
                 const int8_t* q8 = r[i].aq + b * QK_K + 64 * c;
-                isum[i][0] = dot_u8s8_scaled_acc(isum[i][0], lo, loadu256(q8), s_lo);
-                isum[i][1] = dot_u8s8_scaled_acc(isum[i][1], hi, loadu256(q8 + 32), s_hi);
+                __m256i t = dot_u8s8_scaled_acc(_mm256_setzero_si256(), lo, loadu256(q8), s_lo);
+                t = dot_u8s8_scaled_acc(t, hi, loadu256(q8 + 32), s_hi);
+                if (per_pair[i])
+                    pair[i][c] = t;
+                else
+                    tot[i] = _mm256_add_epi32(tot[i], t);
             }
         }
-        for (int i = 0; i < NA; ++i)
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(isum[i][0], isum[i][1])),
-                                     _mm256_broadcastss_ps(dd[i]), acc[i]);
+        for (int i = 0; i < NA; ++i) {
+            const float da = r[i].ad[b];
+            if (per_pair[i]) {
+                // The four pairs' integer sums, and their min sums, reduced side by side.
+                const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(pair[i][0], pair[i][1]),
+                                                    _mm256_hadd_epi32(pair[i][2], pair[i][3]));
+                alignas(16) float isum[4], imin[4];
+                _mm_store_ps(isum, _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))));
+                const __m256i pm = _mm256_madd_epi16(loadu256(r[i].bs + b * 16), mn16);  // sub-block j
+                const __m256i pp = _mm256_hadd_epi32(pm, pm);  // pairs 0 1 (low lane), 2 3 (high)
+                _mm_store_ps(imin, _mm_cvtepi32_ps(_mm_unpacklo_epi64(_mm256_castsi256_si128(pp), _mm256_extracti128_si256(pp, 1))));
+                for (int c = 0; c < 4; ++c) {
+                    acc[i] = __builtin_fmaf(isum[c], dw * da, acc[i]);
+                    accm[i] = __builtin_fmaf(imin[c], dmw * da, accm[i]);
+                }
+                continue;
+            }
+            const int imin = hsum_epi32(_mm256_madd_epi16(loadu256(r[i].bs + b * 16), mn16));
+            acc[i] = __builtin_fmaf(static_cast<float>(hsum_epi32(tot[i])), dw * da, acc[i]);
+            accm[i] = __builtin_fmaf(static_cast<float>(imin), dmw * da, accm[i]);
+        }
     }
-    for (int i = 0; i < NA; ++i) out[i * os] = hsum_ps(acc[i]) - hsum_ps(accm[i]);
+    for (int i = 0; i < NA; ++i) out[i * os] = acc[i] - accm[i];
 }
 
 // Bit j of every byte of hv, moved to bit 4 (the fifth bit of a Q5_K code).
@@ -423,14 +398,22 @@ void dot_q5_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
 }
 
 // Q6_K: value = d * sc[g] * (u - 32), u 6-bit, per 16-group g; the -32 folds into the integer sum
-// as -32 * sum_g sc[g] * bsum[g].
+// as -32 * sum_g sc[g] * bsum[g]. Float side as llama.cpp: for calls of fewer than 8 activation
+// rows ggml_vec_dot_q6_K_q8_K (lane l of the integer sum holds elements 4l .. 4l + 3 of every
+// 32-chunk; acc8 = fma(d * da, lanes, acc8); hsum_float_8), from 8 rows on ggml's tiled K-quant
+// matmul (per super-block: acc = fma(float(isum) * d, da, acc)).
 template <int NA>
 void dot_q6_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out, int64_t os) {
     KRows r[NA];
     k_rows<NA>(a, a0, cols, r);
     const int64_t nb = cols / QK_K;
+    const bool tiled = a.n >= 8;
     __m256 acc[NA];
-    for (int i = 0; i < NA; ++i) acc[i] = _mm256_setzero_ps();
+    float accs[NA];
+    for (int i = 0; i < NA; ++i) {
+        acc[i] = _mm256_setzero_ps();
+        accs[i] = 0.0f;
+    }
     const __m256i low4 = _mm256_set1_epi8(0x0f), bits45 = _mm256_set1_epi8(0x30);
     for (int64_t b = 0; b < nb; ++b) {
         const auto* x = reinterpret_cast<const block_q6_K*>(w) + b;
@@ -463,10 +446,15 @@ void dot_q6_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
                 }
             }
         }
-        for (int i = 0; i < NA; ++i)
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(isum[i][0], isum[i][1])), _mm256_set1_ps(d * r[i].ad[b]), acc[i]);
+        for (int i = 0; i < NA; ++i) {
+            const __m256i lanes = _mm256_add_epi32(isum[i][0], isum[i][1]);
+            if (tiled)
+                accs[i] = __builtin_fmaf(static_cast<float>(hsum_epi32(lanes)) * d, r[i].ad[b], accs[i]);
+            else
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(d * r[i].ad[b]), acc[i]);
+        }
     }
-    for (int i = 0; i < NA; ++i) out[i * os] = hsum_ps(acc[i]);
+    for (int i = 0; i < NA; ++i) out[i * os] = tiled ? accs[i] : hsum_ps(acc[i]);
 }
 
 // Q3_K: value = d * sc[g] * (u - 4), u = q2 | hbit << 2 (0..7); -4 folds like Q6_K's -32.
@@ -599,20 +587,21 @@ void dot_float(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float
 
 template <int NA>
 RowKernel pick(int type, int kind) {
+    if (kind != act_kind_for(type)) return nullptr;
     switch (type) {
-        case T_F32: return kind == ACT_F32 ? dot_float<T_F32, NA> : nullptr;
-        case T_F16: return kind == ACT_F32 ? dot_float<T_F16, NA> : nullptr;
-        case T_BF16: return kind == ACT_F32 ? dot_float<T_BF16, NA> : nullptr;
-        case T_Q4_0: return kind == ACT_Q8_32P ? dot_pair<PQ4_0, NA> : nullptr;
-        case T_Q4_1: return kind == ACT_Q8_1 ? dot_q4_1_exact<NA> : nullptr;
-        case T_Q5_0: return kind == ACT_Q8_32P ? dot_pair<PQ5_0, NA> : nullptr;
-        case T_Q5_1: return kind == ACT_Q8_32P ? dot_pair<PQ5_1, NA> : nullptr;
-        case T_Q8_0: return kind == ACT_Q8_32 ? dot_q8_0<NA> : nullptr;
-        case T_Q2_K: return kind == ACT_Q8_K ? dot_q2_K<NA> : nullptr;
-        case T_Q3_K: return kind == ACT_Q8_K ? dot_q3_K<NA> : nullptr;
-        case T_Q4_K: return kind == ACT_Q8_K ? dot_q4_K<NA> : nullptr;
-        case T_Q5_K: return kind == ACT_Q8_K ? dot_q5_K<NA> : nullptr;
-        case T_Q6_K: return kind == ACT_Q8_K ? dot_q6_K<NA> : nullptr;
+        case T_F32: return dot_float<T_F32, NA>;
+        case T_F16: return dot_float<T_F16, NA>;
+        case T_BF16: return dot_float<T_BF16, NA>;
+        case T_Q4_0: return dot32<Fmt4_0, NA>;
+        case T_Q4_1: return dot32<Fmt4_1, NA>;
+        case T_Q5_0: return dot32<Fmt5_0, NA>;
+        case T_Q5_1: return dot32<Fmt5_1, NA>;
+        case T_Q8_0: return dot32<Fmt8_0, NA>;
+        case T_Q2_K: return dot_q2_K<NA>;
+        case T_Q3_K: return dot_q3_K<NA>;
+        case T_Q4_K: return dot_q4_K<NA>;
+        case T_Q5_K: return dot_q5_K<NA>;
+        case T_Q6_K: return dot_q6_K<NA>;
         default: return nullptr;
     }
 }
@@ -620,6 +609,15 @@ RowKernel pick(int type, int kind) {
 }  // namespace
 
 bool have_simd_kernels() { return true; }
+
+// Only Q4_0's scalar chain (a horizontal sum and a dependent FMA per 18-byte block) gains from
+// running rows side by side; for the LANES formats one row at a time streams faster from DRAM
+// (measured, 1 core: 4 rows at once took Q8_0 from 27 to 14 GB/s, Q4_0 from 8.6 to 10; in cache
+// both run at about the same speed, so the 32-block kernels are bound by instruction count).
+MatvecKernel get_matvec_kernel_avx2(int type, int kind) {
+    if (kind != act_kind_for(type)) return nullptr;
+    return type == T_Q4_0 ? matvec32<Fmt4_0> : nullptr;
+}
 
 RowKernel get_kernel_avx2(int type, int na, int kind) {
     static_assert(MAX_NA == 4, "instantiate the kernels for every tile height");
@@ -636,6 +634,7 @@ RowKernel get_kernel_avx2(int type, int na, int kind) {
 
 bool have_simd_kernels() { return false; }
 RowKernel get_kernel_avx2(int, int, int) { return nullptr; }
+MatvecKernel get_matvec_kernel_avx2(int, int) { return nullptr; }
 
 #endif
 

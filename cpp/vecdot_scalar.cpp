@@ -246,14 +246,7 @@ RowKernel pick(int type) {
 
 RowKernel get_kernel_scalar(int type, int na, int act_kind) {
     static_assert(MAX_NA == 4, "instantiate the kernels for every tile height");
-    // The scalar kernels read ACT_Q8_32 (not the paired layout) for every 32-block type.
-    // Q4_1 reads ACT_Q8_1 (the same layout, llama.cpp's q8_1 rounding).
-    const int want = type == T_F32 || type == T_F16 || type == T_BF16 ? ACT_F32
-                     : type == T_Q4_1 ? ACT_Q8_1
-                     : (type == T_Q4_0 || type == T_Q5_0 || type == T_Q5_1 ||
-                        type == T_Q8_0)
-                         ? ACT_Q8_32
-                         : ACT_Q8_K;
+    const int want = act_kind_for(type);
     if (act_kind != want) return nullptr;
     switch (na) {
         case 1: return pick<1>(type);

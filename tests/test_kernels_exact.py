@@ -166,24 +166,215 @@ def test_q8_0_matches_llama_cpp_vec_dot_bits(n: int) -> None:
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
 
 
-def test_q4_1_reference_matches_exact_ops_model() -> None:
-    """Cross-check of the numpy reference against the Numba model that reproduced llama.cpp's
-    logits (only where that development file is present)."""
-    import importlib.util
-    import os
-    import sys
+# --- the other types: ggml's own vec_dot as the oracle, numpy for the repacked / tiled paths -----
 
-    path = "/tmp/eng/stub/exact_ops.py"
+# bytes per block and the (offset, low, high) ranges of its f16 scales
+BLOCKS = {
+    Q.Q4_0: (32, 18, [(0, 0.001, 0.05)]),
+    Q.Q5_0: (32, 22, [(0, 0.001, 0.05)]),
+    Q.Q5_1: (32, 24, [(0, 0.001, 0.05), (2, -0.3, 0.0)]),
+    Q.Q4_K: (256, 144, [(0, 0.0005, 0.005), (2, 0.0005, 0.01)]),
+    Q.Q6_K: (256, 210, [(208, 0.0002, 0.002)]),
+}
+
+
+def random_raw(qtype: Q, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Random bytes (valid codes and K-scales) with small finite f16 block scales."""
+    rng = np.random.default_rng(seed)
+    block, size, scales = BLOCKS[qtype]
+    nb = cols // block
+    raw = rng.integers(0, 256, size=(rows, nb, size), dtype=np.uint8)
+    for off, lo, hi in scales:
+        raw[:, :, off : off + 2] = rng.uniform(lo, hi, (rows, nb)).astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+    return raw.reshape(rows, -1)
+
+
+@pytest.fixture(scope="module")
+def ggml():  # noqa: ANN201
+    """ggml-cpu's type traits through ctypes: (from_float, vec_dot) of llama-cpp-python's build."""
+    import ctypes
+    import os
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so")
     if not os.path.exists(path):
-        pytest.skip("exact_ops.py (development model) not present")
-    spec = importlib.util.spec_from_file_location("exact_ops", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("exact_ops", mod)  # numba's cache looks the module up by name
-    spec.loader.exec_module(sys.modules["exact_ops"])
-    mod = sys.modules["exact_ops"]
-    rows, cols = 19, 512
-    raw = random_blocks(Q.Q4_1, rows, cols, seed=3)
-    x = activations(4, cols, seed=4)
-    ref = ref_q4_1(raw, rows, cols, x)
-    model = mod.q41_matmul(raw, (rows, cols), x)
-    np.testing.assert_array_equal(ref.view(np.uint32), model.view(np.uint32))
+        pytest.skip(f"{path} not found")
+    lib = ctypes.CDLL(path)
+
+    class Traits(ctypes.Structure):
+        _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p),
+                    ("vec_dot_type", ctypes.c_int), ("nrows", ctypes.c_int64)]  # fmt: skip
+
+    lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(Traits)
+    lib.ggml_cpu_init()
+    from_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+    vec_dot_t = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t,
+                                 ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                                 ctypes.c_size_t, ctypes.c_int)  # fmt: skip
+    act_bytes = {8: (32, 34), 9: (32, 36), 15: (256, 292)}  # Q8_0, Q8_1, Q8_K
+
+    def matmul(raw: np.ndarray, qtype: Q, x: np.ndarray) -> np.ndarray:
+        traits = lib.ggml_get_type_traits_cpu(int(qtype)).contents
+        block, size = act_bytes[traits.vec_dot_type]
+        quantize = from_float_t(lib.ggml_get_type_traits_cpu(traits.vec_dot_type).contents.from_float)
+        vec_dot = vec_dot_t(traits.vec_dot)
+        n, cols = x.shape
+        out = np.zeros((n, raw.shape[0]), F32)
+        for i in range(n):
+            xr = np.ascontiguousarray(x[i], dtype=F32)
+            xq = np.zeros(cols // block * size, np.uint8)
+            quantize(xr.ctypes.data, xq.ctypes.data, cols)
+            for r in range(raw.shape[0]):
+                row = np.ascontiguousarray(raw[r])
+                vec_dot(cols, out[i, r : r + 1].ctypes.data, 0, row.ctypes.data, 0,
+                        xq.ctypes.data, 0, 1)  # fmt: skip
+        return out
+
+    return matmul
+
+
+def _cpp_simd() -> None:
+    if "cpp" not in kernels.available_backends():
+        pytest.skip("hybridllm._core is not built")
+    from hybridllm import _core
+
+    if _core.simd_path() == "scalar":
+        pytest.skip("only the SIMD kernels follow llama.cpp's order")
+
+
+# n = 9 runs llamafile's tinyBLAS in llama.cpp for Q5_0 / Q8_0, which has vec_dot's arithmetic;
+# Q6_K from 8 rows on goes through ggml's tiled matmul instead (tested below).
+@pytest.mark.parametrize("qtype,ns", [(Q.Q5_0, (1, 3, 9)), (Q.Q5_1, (1, 3)), (Q.Q4_1, (1, 2)),
+                                      (Q.Q8_0, (1, 9)), (Q.Q6_K, (1, 3, 7))])  # fmt: skip
+def test_matches_ggml_vec_dot_bits(ggml, qtype: Q, ns: tuple[int, ...]) -> None:  # noqa: ANN001
+    _cpp_simd()
+    rows, cols = 37, 1024 + (256 if qtype == Q.Q6_K else 96)
+    raw = random_raw(qtype, rows, cols, seed=11) if qtype in BLOCKS else random_blocks(qtype, rows, cols, 11)
+    for n in ns:
+        x = activations(n, cols, seed=300 + n)
+        got = kernels.matmul(raw, qtype, (rows, cols), x, backend="cpp")
+        np.testing.assert_array_equal(got.view(np.uint32), ggml(raw, qtype, x).view(np.uint32), err_msg=f"n={n}")
+
+
+def quantize_q8_K(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_row_q8_K on x [n][cols]: q [n][nb][256] int64 and |d| = 1 / (127 / amax) (the
+    sign llama.cpp gives d and q cancels in every product)."""
+    n, cols = x.shape
+    xb = x.astype(F32).reshape(n, cols // 256, 256)
+    amax = np.abs(xb).max(axis=2)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(amax != 0, F32(127.0) / amax, F32(0)).astype(F32)
+        d = np.where(amax != 0, F32(1.0) / iscale, F32(0)).astype(F32)
+    return np.rint(xb * iscale[..., None]).astype(np.int64), d
+
+
+def q4_K_parts(raw: np.ndarray, rows: int, cols: int):  # noqa: ANN201
+    """Q4_K rows -> d, dmin (rows, nb) float32, sc, m (rows, nb, 8), codes (rows, nb, 8, 32)."""
+    nb = cols // 256
+    blk = np.ascontiguousarray(raw).reshape(rows, nb, 144)
+    d = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(F32)
+    dmin = blk[..., 2:4].copy().view(np.float16)[..., 0].astype(F32)
+    s = blk[..., 4:16].astype(np.int64)
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    m = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    qs = blk[..., 16:].reshape(rows, nb, 4, 32).astype(np.int64)
+    codes = np.stack([qs & 15, qs >> 4], axis=3).reshape(rows, nb, 8, 32)
+    return d, dmin, sc, m, codes
+
+
+def ref_q4_K(raw: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
+    """llama.cpp's repacked q4_K 8x8 kernels: activation rows below n - n % 4 go through
+    ggml_gemm (a float step per pair of sub-blocks), the rest through ggml_gemv (per super-block):
+    acc = fma(float(sum sc (q . a)), d * da, acc), accm = fma(float(sum m bsum), dmin * da, accm)."""
+    d, dmin, sc, m, codes = q4_K_parts(raw, rows, cols)
+    q, da = quantize_q8_K(x)
+    n, nb = x.shape[0], cols // 256
+    qa = q.reshape(n, nb, 8, 32)
+    out = np.zeros((n, rows), F32)
+    for i in range(n):
+        span = 2 if i < n - n % 4 else 8  # sub-blocks per float step
+        acc = np.zeros(rows, F32)
+        accm = np.zeros(rows, F32)
+        for b in range(nb):
+            dots = sc[:, b] * (codes[:, b] * qa[i, b][None]).sum(axis=2)  # (rows, 8)
+            mins = m[:, b] * qa[i, b].sum(axis=1)[None]
+            for j0 in range(0, 8, span):
+                acc = fma32(dots[:, j0 : j0 + span].sum(1).astype(F32), (d[:, b] * da[i, b]).astype(F32), acc)
+                accm = fma32(mins[:, j0 : j0 + span].sum(1).astype(F32), (dmin[:, b] * da[i, b]).astype(F32), accm)
+        out[i] = acc - accm
+    return out
+
+
+def ref_q6_K_tiled(raw: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
+    """ggml's tiled K-quant matmul (8 or more activation rows), per super-block:
+    acc = fma(float(sum sc (q - 32) a) * d, da, acc)."""
+    nb = cols // 256
+    blk = np.ascontiguousarray(raw).reshape(rows, nb, 210)
+    ql, qh = blk[..., 0:128].astype(np.int64), blk[..., 128:192].astype(np.int64)
+    sc = blk[..., 192:208].view(np.int8).astype(np.int64)
+    d = blk[..., 208:210].copy().view(np.float16)[..., 0].astype(F32)
+    u = np.zeros((rows, nb, 256), np.int64)
+    for h in range(2):
+        l0, l1, hh = ql[..., 64 * h : 64 * h + 32], ql[..., 64 * h + 32 : 64 * h + 64], qh[..., 32 * h : 32 * h + 32]
+        u[..., 128 * h : 128 * h + 32] = (l0 & 15) | ((hh & 3) << 4)
+        u[..., 128 * h + 32 : 128 * h + 64] = (l1 & 15) | (((hh >> 2) & 3) << 4)
+        u[..., 128 * h + 64 : 128 * h + 96] = (l0 >> 4) | (((hh >> 4) & 3) << 4)
+        u[..., 128 * h + 96 : 128 * h + 128] = (l1 >> 4) | (((hh >> 6) & 3) << 4)
+    w = (u - 32) * np.repeat(sc, 16, axis=-1)  # (rows, nb, 256)
+    q, da = quantize_q8_K(x)
+    out = np.zeros((x.shape[0], rows), F32)
+    for i in range(x.shape[0]):
+        acc = np.zeros(rows, F32)
+        for b in range(nb):
+            s1 = (w[:, b] * q[i, b][None]).sum(axis=1).astype(F32)
+            acc = fma32((s1 * d[:, b]).astype(F32), da[i, b], acc)
+        out[i] = acc
+    return out
+
+
+def ref_q4_0_chain(raw: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
+    """llama.cpp's repacked q4_0 8x8 kernels: acc = fma(float(sum (q - 8) a), d * da, acc) per block."""
+    nb = cols // 32
+    blk = np.ascontiguousarray(raw).reshape(rows, nb, 18)
+    d = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(F32)
+    qs = blk[..., 2:].astype(np.int32)
+    wq = np.concatenate([qs & 15, qs >> 4], axis=2) - 8
+    q, da, _ = quantize_q8(x)
+    out = np.zeros((x.shape[0], rows), F32)
+    for i in range(x.shape[0]):
+        acc = np.zeros(rows, F32)
+        for b in range(nb):
+            t = (wq[:, b] * q[i, b][None]).sum(axis=1).astype(F32)
+            acc = fma32(t, (d[:, b] * da[i, b]).astype(F32), acc)
+        out[i] = acc
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 6, 9])
+def test_q4_K_matches_repacked_kernels(n: int) -> None:
+    _cpp_simd()
+    rows, cols = 24, 1024
+    raw = random_raw(Q.Q4_K, rows, cols, seed=n)
+    x = activations(n, cols, seed=400 + n)
+    got = kernels.matmul(raw, Q.Q4_K, (rows, cols), x, backend="cpp")
+    np.testing.assert_array_equal(got.view(np.uint32), ref_q4_K(raw, rows, cols, x).view(np.uint32))
+
+
+@pytest.mark.parametrize("n", [8, 13])
+def test_q6_K_matches_tiled_matmul(n: int) -> None:
+    _cpp_simd()
+    rows, cols = 21, 768
+    raw = random_raw(Q.Q6_K, rows, cols, seed=n)
+    x = activations(n, cols, seed=500 + n)
+    got = kernels.matmul(raw, Q.Q6_K, (rows, cols), x, backend="cpp")
+    np.testing.assert_array_equal(got.view(np.uint32), ref_q6_K_tiled(raw, rows, cols, x).view(np.uint32))
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_q4_0_matches_repacked_kernels(n: int) -> None:
+    _cpp_simd()
+    rows, cols = 19, 32 * 23
+    raw = random_raw(Q.Q4_0, rows, cols, seed=n)
+    x = activations(n, cols, seed=600 + n)
+    got = kernels.matmul(raw, Q.Q4_0, (rows, cols), x, backend="cpp")
+    np.testing.assert_array_equal(got.view(np.uint32), ref_q4_0_chain(raw, rows, cols, x).view(np.uint32))
