@@ -10,7 +10,12 @@ transcriptions of ggml's code (ggml-cpu/arch/x86/quants.c):
   dot of elements 4l .. 4l + 3 (low nibbles are elements 0-15, high nibbles 16-31),
   acc[l] = fma(d * da, dot_l, acc[l]); result hsum_float_8(acc) + summs.
 * ggml_vec_dot_q8_0_q8_0: the same lanes, acc = fma(d * da, dot_l, acc); result hsum_float_8(acc)
-  (what llama.cpp runs for one activation row; batches go through llamafile's tinyBLAS instead).
+  (llamafile's tinyBLAS, which llama.cpp runs for batches, has the same order).
+
+The other types are checked against ggml's own vec_dot (called through ctypes from
+llama-cpp-python's libggml-cpu) where llama.cpp runs vec_dot, and against numpy transcriptions
+of the repacked q4_0 / q4_K 8x8 kernels (arch/x86/repack.cpp) and of the tiled K-quant matmul
+(tiled/tiled-kernel.cpp) where it runs those.
 
 numpy has no fused multiply-add, so fma32 computes it exactly: a float32 product is exact in
 float64, the float64 sum's rounding error is recovered with TwoSum, and rounding to odd in
