@@ -13,6 +13,7 @@
 // byte-masked adds for the Q5 high bits (AVX512-BW), and one GF2 affine op for high nibbles.
 // The matvec (NA = 1) is bound by instruction throughput as much as by memory on this class of
 // machine (one core streams ~33 GB/s), so the kernels are written to minimise vector ops per byte.
+#include <algorithm>
 #include <cstddef>
 
 #include "quants.h"
@@ -30,6 +31,12 @@ namespace {
 // on the hardware prefetcher alone, so its kernel does not prefetch.
 #ifndef PF_DIST
 #define PF_DIST 4096
+#endif
+// Least distance of the matvec kernels' sequential prefetch (see prefetch_next_group): with short
+// rows the next group of rows alone is too near to cover DRAM latency (measured on 576-column
+// Q4_1 rows: 9.4 GB/s with the group's 1.4 KiB, 16.6-17.3 GB/s with 4-16 KiB).
+#ifndef PF_GROUP_MIN
+#define PF_GROUP_MIN 16384
 #endif
 
 // Prefetch the `bytes` at p + PF_DIST (the weight stream ahead of the block being decoded, running
@@ -66,19 +73,28 @@ HL_INLINE __m128 k_scales(const uint8_t* p, const float* da) {
 //   CHAIN (the repacked q4_0 8x8 gemv / gemm that llama.cpp runs for Q4_0 on AVX2): per block
 //     acc = fma(float(sum of the 8 lanes), dw * da, acc), one scalar chain.
 // One output's chain must stay in block order, so the matvec kernels run MATVEC_NR rows' chains
-// side by side instead of splitting a row.
+// side by side instead of splitting a row (and cut the instructions per block).
 
 struct Fmt8_0 {  // int8 codes
     static constexpr size_t kBytes = sizeof(block_q8_0);
     static constexpr bool kSigned = true, kMin = false, kChain = false;
+    static constexpr int kBias = 0;
     static HL_INLINE __m256i codes(const uint8_t* b) { return loadu256(b + 2); }
 };
 
-// Nibbles of 16 bytes in element order: low nibbles in bytes 0-15, high ones in 16-31.
+// Nibbles of 16 bytes in element order: low nibbles in bytes 0-15, high nibbles in 16-31.
 HL_INLINE __m256i nibbles32(const uint8_t* qs) {
+#if defined(__GFNI__)
+    // The 16 bytes in both halves, then one GF2 affine op: x & 15 in the low half (bit matrix
+    // 0x0102040800000000), x >> 4 in the high half (0x1020408000000000).
+    return _mm256_gf2p8affine_epi64_epi8(_mm256_broadcastsi128_si256(loadu128(qs)),
+                                         _mm256_setr_epi64x(0x0102040800000000ll, 0x0102040800000000ll,
+                                                            0x1020408000000000ll, 0x1020408000000000ll), 0);
+#else
     const __m128i raw = loadu128(qs);
     return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1),
                             _mm256_set1_epi8(0x0f));
+#endif
 }
 
 // 0xff in byte j where bit j of the 32 bits at qh is set (ggml's bytes_from_bits_32).
@@ -93,20 +109,31 @@ HL_INLINE __m256i bit_bytes32(const uint8_t* qh) {
 struct Fmt4_0 {  // q - 8
     static constexpr size_t kBytes = sizeof(block_q4_0);
     static constexpr bool kSigned = true, kMin = false, kChain = true;
-    static HL_INLINE __m256i codes(const uint8_t* b) {
-        return _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8));
-    }
+    static constexpr int kBias = 8;  // ucodes - kBias = codes
+    static HL_INLINE __m256i ucodes(const uint8_t* b) { return nibbles32(b + 2); }
+    static HL_INLINE __m256i codes(const uint8_t* b) { return _mm256_sub_epi8(ucodes(b), _mm256_set1_epi8(8)); }
 };
 
 struct Fmt4_1 {  // q, value = d q + m
     static constexpr size_t kBytes = sizeof(block_q4_1);
     static constexpr bool kSigned = false, kMin = true, kChain = false;
+    static constexpr int kBias = 0;
     static HL_INLINE __m256i codes(const uint8_t* b) { return nibbles32(b + 4); }
+    static HL_INLINE __m256i ucodes(const uint8_t* b) { return codes(b); }
 };
 
 struct Fmt5_0 {  // (q | h << 4) - 16
     static constexpr size_t kBytes = sizeof(block_q5_0);
     static constexpr bool kSigned = true, kMin = false, kChain = false;
+    static constexpr int kBias = 16;  // ucodes - kBias = codes
+    static HL_INLINE __m256i ucodes(const uint8_t* b) {
+        const __m256i lo = nibbles32(b + 6);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+        return _mm256_mask_add_epi8(lo, static_cast<__mmask32>(load_u32(b + 2)), lo, _mm256_set1_epi8(16));
+#else
+        return _mm256_or_si256(lo, _mm256_and_si256(bit_bytes32(b + 2), _mm256_set1_epi8(16)));
+#endif
+    }
     static HL_INLINE __m256i codes(const uint8_t* b) {
         const __m256i lo = nibbles32(b + 6);
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -120,6 +147,8 @@ struct Fmt5_0 {  // (q | h << 4) - 16
 struct Fmt5_1 {  // q | h << 4, value = d q + m
     static constexpr size_t kBytes = sizeof(block_q5_1);
     static constexpr bool kSigned = false, kMin = true, kChain = false;
+    static constexpr int kBias = 0;
+    static HL_INLINE __m256i ucodes(const uint8_t* b) { return codes(b); }
     static HL_INLINE __m256i codes(const uint8_t* b) {
         const __m256i lo = nibbles32(b + 8);
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -137,6 +166,17 @@ HL_INLINE __m256i block_dot(__m256i q, __m256i qabs, __m256i a) {
     return dot_u8s8(q, a);
 }
 
+// NR rows side by side read NR streams, which the hardware prefetchers follow badly from DRAM
+// (measured: Q8_0 on one core fell from 27 to 14 GB/s with 4 rows). Instead the bytes `dist`
+// ahead of the group (the rows that follow it, contiguous) are prefetched into L2 as one
+// sequential stream, at the pace the group is consumed (`pos` bytes of it so far).
+constexpr int64_t kGroupPrefetchMin = PF_GROUP_MIN;
+HL_INLINE void prefetch_next_group(const uint8_t* w, int64_t dist, int64_t pos) {
+    const char* p = reinterpret_cast<const char*>(w) + dist + pos;
+    _mm_prefetch(p, _MM_HINT_T1);
+    _mm_prefetch(p + 64, _MM_HINT_T1);
+}
+
 HL_INLINE int hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
@@ -144,11 +184,9 @@ HL_INLINE int hsum_epi32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-// NR weight rows (rows of `rb` bytes from w) x NA activation rows (a0 ..); one of NR, NA is 1.
-// out[i * os + r] (os: the activation-row stride of out; the rows of one activation are adjacent).
-template <class F, int NR, int NA>
-HL_INLINE void dot32_tile(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t a0,
-                          float* out, int64_t os) {
+// One weight row x NA activation rows (a0 ..): out[i * os].
+template <class F, int NA>
+void dot32(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out, int64_t os) {
     constexpr size_t kB = F::kBytes;
     const int64_t nb = cols / QK;
     const int8_t* aq[NA];
@@ -158,70 +196,110 @@ HL_INLINE void dot32_tile(int64_t cols, const uint8_t* w, int64_t rb, const QAct
         ad[i] = a.d + (a0 + i) * nb;
         as[i] = a.s + (a0 + i) * nb;
     }
-    __m256 acc[NR][NA];
-    float accs[NR][NA], summs[NR][NA];
-#pragma GCC unroll 4
-    for (int r = 0; r < NR; ++r)
-        for (int i = 0; i < NA; ++i) {
-            acc[r][i] = _mm256_setzero_ps();
-            accs[r][i] = summs[r][i] = 0.0f;
-        }
+    __m256 acc[NA];
+    float accs[NA], summs[NA];
+    for (int i = 0; i < NA; ++i) {
+        acc[i] = _mm256_setzero_ps();
+        accs[i] = summs[i] = 0.0f;
+    }
     for (int64_t b = 0; b < nb; ++b) {
-        __m256i q[NR], qabs[NR];
-        float dw[NR], mw[NR];
-#pragma GCC unroll 4
-        for (int r = 0; r < NR; ++r) {
-            const uint8_t* blk = w + r * rb + b * kB;
-            // Prefetch: one row's stream ahead; with NR rows side by side the rows that follow
-            // this group's are the ones not yet streaming, so aim at the same spot NR rows on.
-            if ((b & 15) == 0) {
-                if constexpr (NR == 1)
-                    prefetch_ahead(blk, 16 * kB);
-                else
-                    for (size_t o = 0; o < 16 * kB; o += 64) _mm_prefetch(reinterpret_cast<const char*>(blk) + NR * rb + o, _MM_HINT_T0);
-            }
-            dw[r] = load_f16(blk);
-            if constexpr (F::kMin) mw[r] = load_f16(blk + 2);
-            q[r] = F::codes(blk);
-            if constexpr (F::kSigned) qabs[r] = _mm256_sign_epi8(q[r], q[r]);
-        }
+        const uint8_t* blk = w + b * kB;
+        if ((b & 15) == 0) prefetch_ahead(blk, 16 * kB);
+        const float dw = load_f16(blk);
+        const __m256i q = F::codes(blk);
+        const __m256i qabs = F::kSigned ? _mm256_sign_epi8(q, q) : q;
 #pragma GCC unroll 4
         for (int i = 0; i < NA; ++i) {
-            const __m256i av = loadu256(aq[i] + b * QK);
-    #pragma GCC unroll 4
-        for (int r = 0; r < NR; ++r) {
-                const __m256i dot = block_dot<F>(q[r], qabs[r], av);
-                const float dd = dw[r] * ad[i][b];
-                if constexpr (F::kChain) {
-                    accs[r][i] = __builtin_fmaf(static_cast<float>(hsum_epi32(dot)), dd, accs[r][i]);
-                } else {
-                    if constexpr (F::kMin) summs[r][i] = __builtin_fmaf(mw[r], as[i][b], summs[r][i]);
-                    acc[r][i] = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(dot), acc[r][i]);
-                }
+            const __m256i dot = block_dot<F>(q, qabs, loadu256(aq[i] + b * QK));
+            const float dd = dw * ad[i][b];
+            if constexpr (F::kChain) {
+                accs[i] = __builtin_fmaf(static_cast<float>(hsum_epi32(dot)), dd, accs[i]);
+            } else {
+                if constexpr (F::kMin) summs[i] = __builtin_fmaf(load_f16(blk + 2), as[i][b], summs[i]);
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(dot), acc[i]);
             }
         }
     }
-#pragma GCC unroll 4
-    for (int r = 0; r < NR; ++r)
-        for (int i = 0; i < NA; ++i) {
-            float v;
-            if constexpr (F::kChain)
-                v = accs[r][i];
-            else
-                v = F::kMin ? hsum_ps(acc[r][i]) + summs[r][i] : hsum_ps(acc[r][i]);
-            out[i * os + r] = v;
-        }
+    for (int i = 0; i < NA; ++i) {
+        if constexpr (F::kChain)
+            out[i * os] = accs[i];
+        else
+            out[i * os] = F::kMin ? hsum_ps(acc[i]) + summs[i] : hsum_ps(acc[i]);
+    }
 }
 
-template <class F, int NA>
-void dot32(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out, int64_t os) {
-    dot32_tile<F, 1, NA>(cols, w, 0, a, a0, out, os);
-}
-
+// Matvec of the 32-block formats, MATVEC_NR rows side by side: the same arithmetic as dot32
+// with fewer instructions per block. The block's f16 pair (d, m) converts in one op to [d m - -],
+// d * da is a scalar product in lane 0 of it, and the summs chain of the formats with a min runs
+// in lane 1 of a 4-float register (fma([d m], [sa sa], acc): lane 1 is fma(m, sa, summs)).
+// Offset formats (Q4_0: q - 8, Q5_0: q - 16) dot their unsigned codes with the integer lanes
+// started at -bias * (lane sums of the activations), computed once per block for all rows: the
+// same exact integers as dotting the signed codes, without the per-row sign instructions.
 template <class F>
 void matvec32(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out) {
-    dot32_tile<F, MATVEC_NR, 1>(cols, w, static_cast<int64_t>(cols / QK * F::kBytes), a, a0, out, 0);
+    constexpr int NR = MATVEC_NR;
+    constexpr int64_t kB = static_cast<int64_t>(F::kBytes);
+    const int64_t nb = cols / QK, rb = nb * kB;
+    const int8_t* aq = a.qs + a0 * cols;
+    const float* ad = a.d + a0 * nb;
+    const float* as = a.s + a0 * nb;
+    __m256 acc[NR];
+    __m128 accm[NR], chain = _mm_setzero_ps();
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+        acc[r] = _mm256_setzero_ps();
+        accm[r] = _mm_setzero_ps();
+    }
+#pragma GCC unroll 2
+    for (int64_t b = 0; b < nb; ++b) {
+        prefetch_next_group(w, std::max<int64_t>(NR * rb, kGroupPrefetchMin), b * NR * kB);
+        const __m256i av = loadu256(aq + b * QK);
+        const __m128 da = _mm_load_ss(ad + b);
+        __m128 sa = _mm_setzero_ps();
+        if constexpr (F::kMin) sa = _mm_broadcast_ss(as + b);
+        __m256i lanes0 = _mm256_setzero_si256();  // -bias * lane sums of av
+        if constexpr (F::kBias != 0)
+            lanes0 = _mm256_sub_epi32(lanes0, dot_u8s8(_mm256_set1_epi8(F::kBias), av));
+        if constexpr (F::kChain) {
+            // The 4 rows' block sums reduced together (lane r = row r) and one 4-lane FMA: each
+            // lane is its row's own scalar chain.
+            static_assert(NR == 4, "the chain reduction packs 4 rows");
+            __m256i dot[NR];
+            __m128i dw = _mm_setzero_si128();
+#pragma GCC unroll 4
+            for (int r = 0; r < NR; ++r) {
+                const uint8_t* blk = w + r * rb + b * kB;
+                dot[r] = dot_u8s8_acc(lanes0, F::ucodes(blk), av);
+                dw = _mm_insert_epi16(dw, load_u16(blk), r);
+            }
+            const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(dot[0], dot[1]), _mm256_hadd_epi32(dot[2], dot[3]));
+            const __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            const __m128 dd = _mm_mul_ps(_mm_cvtph_ps(dw), _mm_broadcastss_ps(da));
+            chain = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), dd, chain);
+            continue;
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; ++r) {
+            const uint8_t* blk = w + r * rb + b * kB;
+            const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(load_u32(blk))));
+            if constexpr (F::kMin) accm[r] = _mm_fmadd_ps(dm, sa, accm[r]);
+            const __m128 dd = _mm_mul_ss(dm, da);
+            const __m256i dot = dot_u8s8_acc(lanes0, F::ucodes(blk), av);
+            acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(dd), _mm256_cvtepi32_ps(dot), acc[r]);
+        }
+    }
+    if constexpr (F::kChain) {
+        _mm_storeu_ps(out, chain);
+        return;
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+        const float summs = _mm_cvtss_f32(_mm_movehdup_ps(accm[r]));
+        out[r] = F::kMin ? hsum_ps(acc[r]) + summs : hsum_ps(acc[r]);
+    }
 }
+
+
 
 // ---- K-quants (256-element super-blocks, ACT_Q8_K activations) -------------------------------
 
@@ -344,6 +422,59 @@ void dot_q4_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
         }
     }
     for (int i = 0; i < NA; ++i) out[i * os] = acc[i] - accm[i];
+}
+
+// Sums of the 8 int32 lanes of each of v[0..3], as the 4 lanes of one vector.
+HL_INLINE __m128i hsum4_epi32(const __m256i* v) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+// Q4_K matvec (ggml_gemv order: one float step per super-block), MATVEC_NR rows side by side:
+// the activation block is loaded once for the 4 rows, the 4 rows' integer sums are reduced
+// together, and lane r of one 4-float FMA is row r's chain (the same arithmetic as dot_q4_K).
+void matvec_q4_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out) {
+    constexpr int NR = MATVEC_NR;
+    static_assert(NR == 4, "the reductions pack 4 rows");
+    if (a0 < a.n - a.n % 4) {  // a row of a ggml_gemm group: the other order
+        for (int r = 0; r < NR; ++r) dot_q4_K<1>(cols, w + r * (cols / QK_K) * sizeof(block_q4_K), a, a0, out + r, 0);
+        return;
+    }
+    const int64_t nb = cols / QK_K, rb = nb * static_cast<int64_t>(sizeof(block_q4_K));
+    const int8_t* aq = a.qs + a0 * cols;
+    const float* ad = a.d + a0 * nb;
+    const int16_t* abs = a.bsums + a0 * (cols / 16);
+    __m128 acc = _mm_setzero_ps(), accm = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const int64_t dist = std::max<int64_t>(NR * rb, kGroupPrefetchMin), step = NR * static_cast<int64_t>(sizeof(block_q4_K));
+        for (int64_t o = 0; o < step; o += 128) prefetch_next_group(w, dist + o, b * step);
+        __m256i av[8];
+        for (int k = 0; k < 8; ++k) av[k] = loadu256(aq + b * QK_K + 32 * k);
+        const __m256i bs16 = loadu256(abs + b * 16);
+        __m256i isum[NR], imin[NR];
+        __m128i dh = _mm_setzero_si128(), mh = _mm_setzero_si128();
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; ++r) {
+            const auto* x = reinterpret_cast<const block_q4_K*>(w + r * rb) + b;
+            dh = _mm_insert_epi16(dh, load_u16(x->d), r);
+            mh = _mm_insert_epi16(mh, load_u16(x->dmin), r);
+            const __m128i scmn = scale_min_k4(x->scales);  // bytes 0-7: sc[j], 8-15: m[j]
+            const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn));
+            imin[r] = _mm256_madd_epi16(bs16, _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(scmn, scmn)));
+            __m256i t = _mm256_setzero_si256();
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) {
+                const __m256i v = loadu256(x->qs + 32 * c);
+                t = dot_u8s8_scaled_acc(t, _mm256_and_si256(v, _mm256_set1_epi8(0x0f)), av[2 * c], lane_scale(sc16, 2 * c));
+                t = dot_u8s8_scaled_acc(t, high_nibbles(v), av[2 * c + 1], lane_scale(sc16, 2 * c + 1));
+            }
+            isum[r] = t;
+        }
+        const __m128 da = _mm_broadcast_ss(ad + b);
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_epi32(isum)), _mm_mul_ps(_mm_cvtph_ps(dh), da), acc);
+        accm = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_epi32(imin)), _mm_mul_ps(_mm_cvtph_ps(mh), da), accm);
+    }
+    _mm_storeu_ps(out, _mm_sub_ps(acc, accm));
 }
 
 // Bit j of every byte of hv, moved to bit 4 (the fifth bit of a Q5_K code).
@@ -610,13 +741,18 @@ RowKernel pick(int type, int kind) {
 
 bool have_simd_kernels() { return true; }
 
-// Only Q4_0's scalar chain (a horizontal sum and a dependent FMA per 18-byte block) gains from
-// running rows side by side; for the LANES formats one row at a time streams faster from DRAM
-// (measured, 1 core: 4 rows at once took Q8_0 from 27 to 14 GB/s, Q4_0 from 8.6 to 10; in cache
-// both run at about the same speed, so the 32-block kernels are bound by instruction count).
 MatvecKernel get_matvec_kernel_avx2(int type, int kind) {
     if (kind != act_kind_for(type)) return nullptr;
-    return type == T_Q4_0 ? matvec32<Fmt4_0> : nullptr;
+    switch (type) {
+        case T_Q4_0: return matvec32<Fmt4_0>;
+        case T_Q4_1: return matvec32<Fmt4_1>;
+        case T_Q5_0: return matvec32<Fmt5_0>;
+        case T_Q5_1: return matvec32<Fmt5_1>;
+        case T_Q4_K: return matvec_q4_K;
+        // Q8_0: its row kernel alone streams faster (27 vs 22 GB/s on one core); its 34-byte
+        // blocks leave the FMA chain's latency off the critical path.
+        default: return nullptr;
+    }
 }
 
 RowKernel get_kernel_avx2(int type, int na, int kind) {
