@@ -50,12 +50,17 @@ NOTES = """What limits the figures:
 * Memory: this VM's read bandwidth moves between two regimes with the load of its neighbours:
   ~36 GB/s for 2 threads (one core alone reaches ~33), or ~65 GB/s (~33 per core). In the first,
   every kernel's 2-thread matvec sits at the bandwidth. In the second, 70% means ~23 GB/s per core
-  while streaming, and the matvec is bound by the kernels' instruction throughput (decode the
-  codes, two integer dot instructions per 64 weights, one float scale per 32 weights) rather than
-  by memory: the "C++ 1t" column is that per-core throughput. Byte-aligned formats (Q8_0, Q6_K,
-  F16) reach it easily; the 5-bit (Q5_0: a fifth bit per weight to merge) and Q4_K (6-bit scales
-  and mins to unpack per 32 weights) formats are the closest to the 70% line; the 2- and 3-bit
-  K formats (not targets) need the most unpacking per byte.
+  while streaming, and the matvec is bound by the kernels' instruction throughput rather than by
+  memory: the "C++ 1t" column is that per-core throughput, 22-24 GB/s for the 4/5-bit targets
+  (Q4_0, Q4_1, Q5_0, Q4_K), which puts them at 66-71% of the high regime (Q8_0, Q6_K: 28 GB/s).
+* Exactness. The kernels reproduce llama.cpp's float32 results bit for bit, which fixes each
+  output's summation order: one FMA chain per output across its blocks (Q4_0 / Q4_K: a scalar
+  chain over block totals), never split across accumulators. The matvec kernels therefore run 4
+  weight rows side by side (independent chains), prefetch the following rows as one sequential
+  stream into L2 (4 separate row streams halved the DRAM throughput), and spend few instructions
+  per 32-weight block: one GF2 affine op for both nibble halves, unsigned codes with the Q4_0 /
+  Q5_0 offset folded into the integer lanes' start value, the block's (d, m) halves converted in
+  one op, and Q4_0 / Q4_K's per-row totals reduced 4 rows at a time into one 4-lane FMA.
 * n = 512 is compute-bound: each weight block is decoded once per 4 activation rows and the dots
   are vpdpbusd / vpdpwssd (AVX512-VNNI, 256-bit) or maddubs + madd (AVX2). F16 / BF16 / F32
   weights use float FMAs against float activations (no activation quantization), so they are
