@@ -771,7 +771,7 @@ class Block {
 
     // hyper-parameters
     int64_t dim_ = 0, H_ = 0, KV_ = 0, dk_ = 0, dv_ = 0, ffn_ = 0, rope_dim_ = 0, window_ = 0, n_ctx_ = 0;
-    float eps_ = 0, scale_ = 0;
+    float eps_ = 0, scale_ = 0, q_scale_ = 1;  // scores * scale_; Q * q_scale_ after rope
     bool neox_ = false, gelu_ = false;
     int lanes_ = 8;
     // weights (views of the caller's arrays, kept alive by keep_)
@@ -875,6 +875,7 @@ Block::Block(const py::dict& cfg, const py::dict& weights, int64_t n_ctx) {
     n_ctx_ = n_ctx;
     eps_ = static_cast<float>(cfg_float(cfg, "norm_eps"));
     scale_ = static_cast<float>(cfg_float(cfg, "attn_scale"));
+    q_scale_ = static_cast<float>(cfg_float(cfg, "q_scale"));
     const double rope_base = cfg_float(cfg, "rope_base"), rope_scale = cfg_float(cfg, "rope_scale");
     if (!cfg.contains("rope_neox")) value_error("cfg is missing 'rope_neox'");
     neox_ = py::bool_(cfg["rope_neox"]);
@@ -1074,6 +1075,8 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
                     float* qh = q + (t * H + hh) * dk;
                     if (q_norm_) rms_norm_row(qh, q_norm_, eps, dk, qh);
                     if (rope) rope_head(qh, cs, sn, half, neox_);
+                    if (q_scale_ != 1.0f)
+                        for (int64_t d = 0; d < dk; ++d) qh[d] *= q_scale_;
                     round_f16_row(qh, dk);
                 }
             } else if (j.post == Post::K) {

@@ -33,6 +33,9 @@ class ArchSpec:
     embed_scale_sqrt_dim: bool = False  # gemma multiplies embeddings by sqrt(dim)
     swa_period: int = 0  # every `period`-th layer is global, the others use a sliding window
     default_rope_base_swa: float = 10_000.0
+    # gemma3 scales Q by attn_scale after rope (before it is rounded to f16 for Q.K); llama scales
+    # the scores. Equal in exact arithmetic, not in f16 where Q's small values are subnormal.
+    scale_q: bool = False
 
     @property
     def qk_norm(self) -> bool:
@@ -51,6 +54,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         extra_block_tensors=("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm"),
         embed_scale_sqrt_dim=True,
         swa_period=6,
+        scale_q=True,
     ),
 }
 

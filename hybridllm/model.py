@@ -50,7 +50,9 @@ def block_cfg(config: ModelConfig, layer: int) -> dict[str, Any]:
         "rope_neox": config.spec.rope_type == "neox",
         "sliding_window": config.sliding_window if swa else 0,
         "activation": config.spec.activation,
-        "attn_scale": float(config.attn_scale),
+        # Q * q_scale after rope, scores * attn_scale: where the architecture applies the scale
+        "q_scale": float(config.attn_scale) if config.spec.scale_q else 1.0,
+        "attn_scale": 1.0 if config.spec.scale_q else float(config.attn_scale),
     }
 
 
@@ -132,6 +134,8 @@ class PyBlock:
             k = be.rms_norm(k.reshape(-1, dk), w["attn_k_norm"], c["norm_eps"]).reshape(k.shape)
         be.rope(q, pos0, self.rope)
         be.rope(k, pos0, self.rope)
+        if c["q_scale"] != 1.0:
+            q = q * np.float32(c["q_scale"])
         be.store_kv(self.k_cache, pos0, k.reshape(n, -1))
         be.store_kv(self.v_cache, pos0, v)
         o = be.attention(q, self.k_cache, self.v_cache, pos0, c["sliding_window"], c["attn_scale"])

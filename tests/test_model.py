@@ -176,10 +176,11 @@ def test_block_cfg_gemma_local_and_global_layers() -> None:
     assert (local["rope_base"], local["sliding_window"]) == (10_000.0, 8)
     assert (global_["rope_base"], global_["sliding_window"]) == (1e6, 0)
     assert local["rope_neox"] and local["activation"] == "gelu_tanh"
-    assert local["attn_scale"] == pytest.approx(1 / 8)
+    # gemma3 scales Q (after rope), not the scores, as llama.cpp's gemma3 graph does
+    assert (local["q_scale"], local["attn_scale"]) == (pytest.approx(1 / 8), 1.0)
     expected = {
         "dim", "n_heads", "n_kv_heads", "head_dim_k", "head_dim_v", "ffn_dim", "norm_eps", "rope_base",
-        "rope_dim", "rope_scale", "rope_neox", "sliding_window", "activation", "attn_scale",
+        "rope_dim", "rope_scale", "rope_neox", "sliding_window", "activation", "attn_scale", "q_scale",
     }  # fmt: skip
     assert set(local) == expected
     assert all(isinstance(v, int | float | bool | str) for v in local.values())
