@@ -69,35 +69,11 @@ Kernels kernels_for(int type, int act_kind, int64_t cols) {
     return ks;
 }
 
-// Float activations are 4 bytes per element, so a tile of MAX_NA long rows would not fit in L1:
-// with several activation tiles (prompt), float products run over column blocks of this many
-// elements, accumulating the partial dots.
-constexpr int64_t kFloatColBlock = 1024;
-
 // Weight rows [r0, r1) x activation rows [a0, a1): tiles of MAX_NA activation rows outside,
 // weight rows inside (the activation tile stays in L1 while the weight chunk streams from L2).
 inline void run_tile(const Kernels& ks, const uint8_t* w, const QActs& acts, int64_t r0,
                      int64_t r1, int64_t a0, int64_t a1, float* out, int64_t os) {
     const int64_t cols = acts.cols;
-    if (acts.kind == ACT_F32 && a1 - a0 > MAX_NA && cols > kFloatColBlock) {
-        const int64_t esize = ks.rb / cols;  // bytes per weight element (4 or 2)
-        for (int64_t k0 = 0; k0 < cols; k0 += kFloatColBlock) {
-            QActs sub = acts;
-            sub.xf = acts.xf + k0;
-            sub.cols = std::min(kFloatColBlock, cols - k0);
-            for (int64_t ag = a0; ag < a1; ag += MAX_NA) {
-                const int na = static_cast<int>(std::min<int64_t>(MAX_NA, a1 - ag));
-                const RowKernel k = ks.k[na];
-                for (int64_t r = r0; r < r1; ++r) {
-                    float part[MAX_NA];
-                    k(sub.cols, w + r * ks.rb + k0 * esize, sub, ag, part, 1);
-                    float* o = out + ag * os + r;
-                    for (int i = 0; i < na; ++i) o[i * os] = k0 == 0 ? part[i] : o[i * os] + part[i];
-                }
-            }
-        }
-        return;
-    }
     for (int64_t ag = a0; ag < a1; ag += MAX_NA) {
         const int na = static_cast<int>(std::min<int64_t>(MAX_NA, a1 - ag));
         const RowKernel k = ks.k[na];

@@ -692,7 +692,7 @@ HL_INLINE float load1w(const uint8_t* w, int64_t c) {
 }
 
 template <int WT, int NA>
-void dot_float(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out, int64_t os) {
+void dot_bf16(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out, int64_t os) {
     const float* x[NA];
     for (int i = 0; i < NA; ++i) x[i] = a.xf + (a0 + i) * a.ld;
     __m256 acc0[NA], acc1[NA];
@@ -716,13 +716,105 @@ void dot_float(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float
     }
 }
 
+// 8 activations from x[c], rounded to f16 for F16 weights (ggml converts the f32 operand of an
+// f16 matmul to f16: vec_dot_type F16).
+template <int WT>
+HL_INLINE __m256 load8x(const float* x, int64_t c) {
+    const __m256 v = _mm256_loadu_ps(x + c);
+    if constexpr (WT == T_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    return v;
+}
+
+template <int WT>
+HL_INLINE float load1x(const float* x, int64_t c) {
+    if constexpr (WT == T_F16) return fp16_to_f32(_cvtss_sh(x[c], _MM_FROUND_TO_NEAREST_INT));
+    return x[c];
+}
+
+// F32 / F16 weights, bit-exact with llama.cpp built for the same CPU. ggml's float vectors have
+// L = 16 lanes on AVX-512 (held here as two 8-lane halves, lo = lanes 0-7, hi = 8-15) and 8 on
+// AVX2:
+//   tinyBLAS (llamafile_sgemm; calls of 2+ activation rows when cols % L == 0): one L-lane FMA
+//     accumulator over the row, reduced by halving (_mm512_reduce_add_ps = add(lo, hi) then
+//     hsum_ps; tinyBLAS's 8-lane hsum = hsum_ps).
+//   ggml_vec_dot_f32 / _f16 (one activation row, or cols % L != 0): four L-lane accumulators fed
+//     round-robin over each 4 L elements, folded (0+2, 1+3, then 0+1) and reduced (AVX-512 by
+//     halving; AVX2: the 128-bit halves added, then two horizontal adds); the last cols % 4L
+//     products are added after, in double for F16 and in float (rounded product) for F32.
+#if defined(__AVX512F__)
+constexpr int kFloatLanes = 16;
+#else
+constexpr int kFloatLanes = 8;
+#endif
+
+template <int WT, int NA>
+void dot_float(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out, int64_t os) {
+    constexpr int L = kFloatLanes, H = L / 8;  // H: 8-lane halves per ggml vector
+    const float* x[NA];
+    for (int i = 0; i < NA; ++i) x[i] = a.xf + (a0 + i) * a.ld;
+    if (a.n >= 2 && cols % L == 0) {  // tinyBLAS
+        __m256 acc[NA][H];
+        for (int i = 0; i < NA; ++i)
+            for (int h = 0; h < H; ++h) acc[i][h] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < cols; c += L) {
+#pragma GCC unroll 2
+            for (int h = 0; h < H; ++h) {
+                const __m256 wv = load8w<WT>(w, c + 8 * h);
+#pragma GCC unroll 4
+                for (int i = 0; i < NA; ++i) acc[i][h] = _mm256_fmadd_ps(wv, load8x<WT>(x[i], c + 8 * h), acc[i][h]);
+            }
+        }
+        for (int i = 0; i < NA; ++i) out[i * os] = hsum_ps(H == 2 ? _mm256_add_ps(acc[i][0], acc[i][H - 1]) : acc[i][0]);
+        return;
+    }
+    const int64_t body = cols - cols % (4 * L);
+    for (int i = 0; i < NA; ++i) {
+        __m256 acc[4][H];
+        for (int j = 0; j < 4; ++j)
+            for (int h = 0; h < H; ++h) acc[j][h] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < body; c += 4 * L) {
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j)
+#pragma GCC unroll 2
+                for (int h = 0; h < H; ++h) {
+                    const int64_t e = c + L * j + 8 * h;
+                    acc[j][h] = _mm256_fmadd_ps(load8w<WT>(w, e), load8x<WT>(x[i], e), acc[j][h]);
+                }
+        }
+        for (int h = 0; h < H; ++h) {
+            acc[0][h] = _mm256_add_ps(acc[0][h], acc[2][h]);
+            acc[1][h] = _mm256_add_ps(acc[1][h], acc[3][h]);
+            acc[0][h] = _mm256_add_ps(acc[0][h], acc[1][h]);
+        }
+        float r;
+        if constexpr (H == 2) {
+            r = hsum_ps(_mm256_add_ps(acc[0][0], acc[0][1]));
+        } else {
+            const __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(acc[0][0]), _mm256_extractf128_ps(acc[0][0], 1));
+            const __m128 t1 = _mm_hadd_ps(t0, t0);
+            r = _mm_cvtss_f32(_mm_hadd_ps(t1, t1));
+        }
+        if constexpr (WT == T_F16) {
+            double sum = r;
+            for (int64_t t = body; t < cols; ++t) sum += static_cast<double>(load1w<WT>(w, t) * load1x<WT>(x[i], t));
+            out[i * os] = static_cast<float>(sum);
+        } else {
+            float sum = r;
+            // ggml rounds the product before adding (scalar builtins: never contracted to an FMA)
+            for (int64_t t = body; t < cols; ++t)
+                sum = _mm_cvtss_f32(_mm_add_ss(_mm_set_ss(sum), _mm_mul_ss(_mm_set_ss(load1w<WT>(w, t)), _mm_set_ss(x[i][t]))));
+            out[i * os] = sum;
+        }
+    }
+}
+
 template <int NA>
 RowKernel pick(int type, int kind) {
     if (kind != act_kind_for(type)) return nullptr;
     switch (type) {
         case T_F32: return dot_float<T_F32, NA>;
         case T_F16: return dot_float<T_F16, NA>;
-        case T_BF16: return dot_float<T_BF16, NA>;
+        case T_BF16: return dot_bf16<T_BF16, NA>;
         case T_Q4_0: return dot32<Fmt4_0, NA>;
         case T_Q4_1: return dot32<Fmt4_1, NA>;
         case T_Q5_0: return dot32<Fmt5_0, NA>;

@@ -151,7 +151,7 @@ def test_matmul_matches_float64(backend: str, qtype: Q) -> None:
     rows, cols = 37, COLS[qtype]
     raw = random_raw(qtype, rows, cols, seed=2)
     w = oracle(raw, qtype, rows, cols).astype(np.float64)
-    tol = 1e-5 if qtype in FLOAT_TYPES else MATMUL_RTOL
+    tol = float_tol(backend, qtype) if qtype in FLOAT_TYPES else MATMUL_RTOL
     for n in (1, 3, 64):
         x = activations(n, cols, seed=n)
         got = kernels.matmul(raw, qtype, (rows, cols), x, backend=backend)
@@ -256,15 +256,21 @@ def test_matmul_threading_and_tiles(backend: str, qtype: Q) -> None:
         np.testing.assert_allclose(row, one[i], rtol=1e-5, atol=1e-6 * float(np.abs(one).max()))
 
 
+def float_tol(backend: str, qtype: Q) -> float:
+    """Relative error allowed for float weights: the C++ core rounds the activations of an F16
+    matmul to f16, as llama.cpp does (its vec_dot_type for F16 is F16): ~1e-4."""
+    return 1e-3 if backend == "cpp" and qtype == Q.F16 else 1e-5
+
+
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16], ids=lambda t: t.name)
 def test_float_matmul_long_rows(backend: str, qtype: Q) -> None:
-    """Float weights with long rows and a prompt-sized batch (column-blocked in the C++ core)."""
+    """Float weights with long rows and a prompt-sized batch."""
     rows, cols, n = 33, 2100, 9
     raw = random_raw(qtype, rows, cols, seed=6)
     w = oracle(raw, qtype, rows, cols).astype(np.float64)
     x = activations(n, cols, seed=7)
     got = kernels.matmul(raw, qtype, (rows, cols), x, backend=backend)
-    assert rel_err(got, x.astype(np.float64) @ w.T) < 1e-5
+    assert rel_err(got, x.astype(np.float64) @ w.T) < float_tol(backend, qtype)
 
 
 def test_matmul_shapes_and_buffers(backend: str) -> None:

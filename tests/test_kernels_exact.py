@@ -216,7 +216,7 @@ def ggml():  # noqa: ANN201
     vec_dot_t = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t,
                                  ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
                                  ctypes.c_size_t, ctypes.c_int)  # fmt: skip
-    act_bytes = {8: (32, 34), 9: (32, 36), 15: (256, 292)}  # Q8_0, Q8_1, Q8_K
+    act_bytes = {0: (1, 4), 1: (1, 2), 8: (32, 34), 9: (32, 36), 15: (256, 292)}  # F32 F16 Q8_0 Q8_1 Q8_K
 
     def matmul(raw: np.ndarray, qtype: Q, x: np.ndarray) -> np.ndarray:
         traits = lib.ggml_get_type_traits_cpu(int(qtype)).contents
@@ -227,8 +227,11 @@ def ggml():  # noqa: ANN201
         out = np.zeros((n, raw.shape[0]), F32)
         for i in range(n):
             xr = np.ascontiguousarray(x[i], dtype=F32)
-            xq = np.zeros(cols // block * size, np.uint8)
-            quantize(xr.ctypes.data, xq.ctypes.data, cols)
+            if traits.vec_dot_type == 0:  # F32: the activations themselves
+                xq = xr.view(np.uint8)
+            else:
+                xq = np.zeros(cols // block * size, np.uint8)
+                quantize(xr.ctypes.data, xq.ctypes.data, cols)
             for r in range(raw.shape[0]):
                 row = np.ascontiguousarray(raw[r])
                 vec_dot(cols, out[i, r : r + 1].ctypes.data, 0, row.ctypes.data, 0,
@@ -236,6 +239,53 @@ def ggml():  # noqa: ANN201
         return out
 
     return matmul
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.F32])
+@pytest.mark.parametrize("cols", [256, 64 * 5 + 48])  # 48 = leftovers past the 64-element steps
+def test_float_matches_ggml_vec_dot_bits(ggml, qtype: Q, cols: int) -> None:  # noqa: ANN001
+    _cpp_simd()
+    rows = 13
+    rng = np.random.default_rng(cols)
+    w = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float16 if qtype == Q.F16 else F32)
+    raw = w.view(np.uint8).reshape(rows, -1)
+    x = activations(1, cols, seed=700 + cols)
+    got = kernels.matmul(raw, qtype, (rows, cols), x, backend="cpp")
+    np.testing.assert_array_equal(got.view(np.uint32), ggml(raw, qtype, x).view(np.uint32))
+
+
+def ref_float_tinyblas(w: np.ndarray, x: np.ndarray, f16: bool, lanes: int) -> np.ndarray:
+    """llamafile's tinyBLAS (2+ activation rows): per output one `lanes`-wide FMA accumulator
+    over the row (activations rounded to f16 for f16 weights), then summed by halving."""
+    xs = x.astype(np.float16).astype(F32) if f16 else x.astype(F32)
+    wf = w.astype(F32)
+    rows, cols = wf.shape
+    out = np.zeros((x.shape[0], rows), F32)
+    for i in range(x.shape[0]):
+        acc = np.zeros((rows, lanes), F32)
+        for c in range(0, cols, lanes):
+            acc = fma32(wf[:, c : c + lanes], xs[i, c : c + lanes][None], acc)
+        width = lanes
+        while width > 1:
+            width //= 2
+            acc = (acc[:, width : 2 * width] + acc[:, :width]).astype(F32)
+        out[i] = acc[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.F32])
+def test_float_matches_tinyblas(qtype: Q) -> None:
+    _cpp_simd()
+    rows, cols, n = 12, 320, 5
+    rng = np.random.default_rng(9)
+    w = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float16 if qtype == Q.F16 else F32)
+    x = activations(n, cols, seed=800)
+    got = kernels.matmul(w.view(np.uint8).reshape(rows, -1), qtype, (rows, cols), x, backend="cpp")
+    from hybridllm import _core
+
+    lanes = 16 if "avx512" in _core.simd_path() else 8  # ggml's float vector on this build
+    ref = ref_float_tinyblas(w, x, qtype == Q.F16, lanes)
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
 
 
 def _cpp_simd() -> None:
