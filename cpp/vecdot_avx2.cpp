@@ -483,30 +483,34 @@ HL_INLINE __m256i hbit4(__m256i hv, int j) {
     return _mm256_and_si256(t, _mm256_set1_epi8(0x10));
 }
 
-// Q5_K: as Q4_K with q = nibble | hbit << 4.
+// Q5_K: as Q4_K with q = nibble | hbit << 4. Float side as llama.cpp (Q5_K is not repacked on
+// x86): for calls of fewer than 8 activation rows ggml_vec_dot_q5_K_q8_K (8 integer lanes as
+// Q6_K's, acc8 = fma(d * da, lanes, acc8); summs = fma(-(da * dmin), float(imin), summs) per
+// super-block; hsum_float_8(acc8) + summs), from 8 rows on ggml's tiled K-quant matmul (per
+// super-block res = fma(-dmin, float(imin), float(isum) * d); acc = fma(res, da, acc)).
 template <int NA>
 void dot_q5_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out, int64_t os) {
     KRows r[NA];
     k_rows<NA>(a, a0, cols, r);
     const int64_t nb = cols / QK_K;
-    __m256 acc[NA], accm[NA];
-    for (int i = 0; i < NA; ++i) acc[i] = accm[i] = _mm256_setzero_ps();
+    const bool tiled = a.n >= 8;
+    __m256 acc[NA];
+    float accs[NA], summs[NA];
+    for (int i = 0; i < NA; ++i) {
+        acc[i] = _mm256_setzero_ps();
+        accs[i] = summs[i] = 0.0f;
+    }
     const __m256i low4 = _mm256_set1_epi8(0x0f);
     for (int64_t b = 0; b < nb; ++b) {
         const auto* x = reinterpret_cast<const block_q5_K*>(w) + b;
         prefetch_ahead(x, sizeof(*x));
+        const float dw = load_f16(x->d), dmw = load_f16(x->dmin);
         const __m128i scmn = scale_min_k4(x->scales);  // bytes 0-7: sc[j], 8-15: m[j]
         const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn));
         const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(scmn, scmn));  // m[j] per 16-group
         // Two integer accumulators per row (even / odd sub-blocks) halve the dependency chain.
         __m256i isum[NA][2];
-        __m128 dd[NA];
-        for (int i = 0; i < NA; ++i) {
-            dd[i] = k_scales(x->d, r[i].ad + b);  // d da, dmin da
-            const __m256i pm = _mm256_madd_epi16(loadu256(r[i].bs + b * 16), mn16);
-            accm[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pm), _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dd[i]), _mm256_set1_epi32(1)), accm[i]);
-            isum[i][0] = isum[i][1] = _mm256_setzero_si256();
-        }
+        for (int i = 0; i < NA; ++i) isum[i][0] = isum[i][1] = _mm256_setzero_si256();
         const __m256i hv = loadu256(x->qh);
 #pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) {
@@ -521,11 +525,20 @@ void dot_q5_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
                 isum[i][1] = dot_u8s8_scaled_acc(isum[i][1], hi, loadu256(q8 + 32), s_hi);
             }
         }
-        for (int i = 0; i < NA; ++i)
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(isum[i][0], isum[i][1])),
-                                     _mm256_broadcastss_ps(dd[i]), acc[i]);
+        for (int i = 0; i < NA; ++i) {
+            const float da = r[i].ad[b];
+            const __m256i lanes = _mm256_add_epi32(isum[i][0], isum[i][1]);
+            const float imin = static_cast<float>(hsum_epi32(_mm256_madd_epi16(loadu256(r[i].bs + b * 16), mn16)));
+            if (tiled) {
+                const float res = __builtin_fmaf(-dmw, imin, static_cast<float>(hsum_epi32(lanes)) * dw);
+                accs[i] = __builtin_fmaf(res, da, accs[i]);
+            } else {
+                summs[i] = __builtin_fmaf(-(da * dmw), imin, summs[i]);
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(da * dw), _mm256_cvtepi32_ps(lanes), acc[i]);
+            }
+        }
     }
-    for (int i = 0; i < NA; ++i) out[i * os] = hsum_ps(acc[i]) - hsum_ps(accm[i]);
+    for (int i = 0; i < NA; ++i) out[i * os] = tiled ? accs[i] : hsum_ps(acc[i]) + summs[i];
 }
 
 // Q6_K: value = d * sc[g] * (u - 32), u 6-bit, per 16-group g; the -32 folds into the integer sum

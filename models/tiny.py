@@ -57,6 +57,8 @@ GEMMA_TYPES = (
      "ffn_gate": Q.Q5_0, "ffn_up": Q.Q5_0, "ffn_down": Q.Q6_K},
     {"attn_q": Q.Q8_0, "attn_k": Q.Q4_0, "attn_v": Q.Q5_0, "attn_output": Q.Q6_K,
      "ffn_gate": Q.Q4_1, "ffn_up": Q.Q8_0, "ffn_down": Q.Q4_K},
+    {"attn_q": Q.Q4_1, "attn_k": Q.Q8_0, "attn_v": Q.Q4_0, "attn_output": Q.Q5_K,
+     "ffn_gate": Q.Q5_1, "ffn_up": Q.Q5_0, "ffn_down": Q.Q5_K},
 )  # fmt: skip
 
 TINY_LLAMA = TinySpec("llama", n_layers=2, tied=False, layer_types=LLAMA_TYPES)
@@ -163,7 +165,7 @@ def _weight(
     rng: np.random.Generator, shape: tuple[int, int], std: float, qtype: Q
 ) -> tuple[np.ndarray, Q]:
     """Random (rows, cols) weights stored as qtype: float arrays, or uint8 (rows, row_bytes)."""
-    if qtype in (Q.Q4_K, Q.Q6_K):
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
         return _random_k_blocks(rng, shape, std, qtype), qtype
     w = (std * rng.standard_normal(shape)).astype(np.float32)
     if qtype == Q.F32:
@@ -184,11 +186,12 @@ def _random_k_blocks(
     rows, cols = shape
     block, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
-    if (
-        qtype == Q.Q4_K
-    ):  # d, dmin (f16) | scales[12] | qs[128]; w = d*sc*q - dmin*m, std ~250d, mean ~236d - 31dmin
+    if qtype == Q.Q4_K:  # d, dmin (f16) | scales[12] | qs[128]; w = d*sc*q - dmin*m, std ~250d, mean ~236d - 31dmin
         raw[..., 0:2] = _f16_bytes(std / 250.0)
         raw[..., 2:4] = _f16_bytes(7.5 * std / 250.0)
+    elif qtype == Q.Q5_K:  # as Q4_K with qh[32] before qs; q 5-bit: std ~500d, mean ~490d - 31dmin
+        raw[..., 0:2] = _f16_bytes(std / 500.0)
+        raw[..., 2:4] = _f16_bytes(15.5 * std / 500.0)
     else:  # Q6_K: ql[128] | qh[64] | scales[16] int8 | d (f16); w = d*sc*(q - 32)
         raw[..., 208:210] = _f16_bytes(std / 1350.0)
     return raw.reshape(rows, -1)

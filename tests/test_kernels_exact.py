@@ -179,6 +179,7 @@ BLOCKS = {
     Q.Q5_0: (32, 22, [(0, 0.001, 0.05)]),
     Q.Q5_1: (32, 24, [(0, 0.001, 0.05), (2, -0.3, 0.0)]),
     Q.Q4_K: (256, 144, [(0, 0.0005, 0.005), (2, 0.0005, 0.01)]),
+    Q.Q5_K: (256, 176, [(0, 0.0005, 0.005), (2, 0.0005, 0.01)]),
     Q.Q6_K: (256, 210, [(208, 0.0002, 0.002)]),
 }
 
@@ -300,10 +301,10 @@ def _cpp_simd() -> None:
 # n = 9 runs llamafile's tinyBLAS in llama.cpp for Q5_0 / Q8_0, which has vec_dot's arithmetic;
 # Q6_K from 8 rows on goes through ggml's tiled matmul instead (tested below).
 @pytest.mark.parametrize("qtype,ns", [(Q.Q5_0, (1, 3, 9)), (Q.Q5_1, (1, 3)), (Q.Q4_1, (1, 2)),
-                                      (Q.Q8_0, (1, 9)), (Q.Q6_K, (1, 3, 7))])  # fmt: skip
+                                      (Q.Q8_0, (1, 9)), (Q.Q6_K, (1, 3, 7)), (Q.Q5_K, (1, 5))])  # fmt: skip
 def test_matches_ggml_vec_dot_bits(ggml, qtype: Q, ns: tuple[int, ...]) -> None:  # noqa: ANN001
     _cpp_simd()
-    rows, cols = 37, 1024 + (256 if qtype == Q.Q6_K else 96)
+    rows, cols = 37, 1024 + (256 if qtype in (Q.Q5_K, Q.Q6_K) else 96)
     raw = random_raw(qtype, rows, cols, seed=11) if qtype in BLOCKS else random_blocks(qtype, rows, cols, 11)
     for n in ns:
         x = activations(n, cols, seed=300 + n)
@@ -413,6 +414,45 @@ def test_q4_K_matches_repacked_kernels(n: int) -> None:
     x = activations(n, cols, seed=400 + n)
     got = kernels.matmul(raw, Q.Q4_K, (rows, cols), x, backend="cpp")
     np.testing.assert_array_equal(got.view(np.uint32), ref_q4_K(raw, rows, cols, x).view(np.uint32))
+
+
+def ref_q5_K_tiled(raw: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
+    """ggml's tiled K-quant matmul for Q5_K (8 or more activation rows), per super-block:
+    res = fma(-dmin, float(sum m bsum), float(sum sc q a) * d); acc = fma(res, da, acc)."""
+    nb = cols // 256
+    blk = np.ascontiguousarray(raw).reshape(rows, nb, 176)
+    d = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(F32)
+    dmin = blk[..., 2:4].copy().view(np.float16)[..., 0].astype(F32)
+    s = blk[..., 4:16].astype(np.int64)
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    m = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    qh = blk[..., 16:48].astype(np.int64)  # bit j of qh[l]: element 32 j + l
+    qs = blk[..., 48:].reshape(rows, nb, 4, 32).astype(np.int64)
+    low = np.stack([qs & 15, qs >> 4], axis=3).reshape(rows, nb, 8, 32)
+    high = np.stack([(qh >> j) & 1 for j in range(8)], axis=2)  # (rows, nb, 8, 32)
+    codes = low | (high << 4)
+    q, da = quantize_q8_K(x)
+    out = np.zeros((x.shape[0], rows), F32)
+    for i in range(x.shape[0]):
+        qa = q[i].reshape(nb, 8, 32)
+        acc = np.zeros(rows, F32)
+        for b in range(nb):
+            isum = (sc[:, b] * (codes[:, b] * qa[b][None]).sum(axis=2)).sum(axis=1).astype(F32)
+            imin = (m[:, b] * qa[b].sum(axis=1)[None]).sum(axis=1).astype(F32)
+            res = fma32(-dmin[:, b], imin, (isum * d[:, b]).astype(F32))
+            acc = fma32(res, da[i, b], acc)
+        out[i] = acc
+    return out
+
+
+@pytest.mark.parametrize("n", [8, 11])
+def test_q5_K_matches_tiled_matmul(n: int) -> None:
+    _cpp_simd()
+    rows, cols = 17, 512
+    raw = random_raw(Q.Q5_K, rows, cols, seed=n)
+    x = activations(n, cols, seed=900 + n)
+    got = kernels.matmul(raw, Q.Q5_K, (rows, cols), x, backend="cpp")
+    np.testing.assert_array_equal(got.view(np.uint32), ref_q5_K_tiled(raw, rows, cols, x).view(np.uint32))
 
 
 @pytest.mark.parametrize("n", [8, 13])
