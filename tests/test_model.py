@@ -227,7 +227,9 @@ def test_model_forward_logit_rows(tiny_llama: ModelFile, monkeypatch: pytest.Mon
     ids = list(range(100, 130))
     full = model.forward(ids, 0, first_logit=0)
     assert full.shape == (30, tiny_llama.config.n_vocab) and full.dtype == np.float32
-    np.testing.assert_array_equal(model.forward(ids, 0)[0], full[-1])
+    # The head's arithmetic depends on how many rows it multiplies, as llama.cpp's does (its F16
+    # head runs vec_dot for one row, tinyBLAS for several): the last row alone agrees to rounding.
+    np.testing.assert_allclose(model.forward(ids, 0)[0], full[-1], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(model.forward(ids, 0, first_logit=25), full[25:])
     monkeypatch.setattr(model_mod, "UBATCH", 7)  # chunked prefill: same rows, same values
     np.testing.assert_allclose(model.forward(ids, 0, first_logit=0), full, rtol=1e-3, atol=1e-3)
