@@ -184,6 +184,12 @@ HL_INLINE int hsum_epi32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
+// Sums of the 8 int32 lanes of each of v[0..3], as the 4 lanes of one vector.
+HL_INLINE __m128i hsum4_epi32(const __m256i* v) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
 // One weight row x NA activation rows (a0 ..): out[i * os].
 template <class F, int NA>
 void dot32(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out, int64_t os) {
@@ -272,10 +278,8 @@ void matvec32(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
                 dot[r] = dot_u8s8_acc(lanes0, F::ucodes(blk), av);
                 dw = _mm_insert_epi16(dw, load_u16(blk), r);
             }
-            const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(dot[0], dot[1]), _mm256_hadd_epi32(dot[2], dot[3]));
-            const __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
             const __m128 dd = _mm_mul_ps(_mm_cvtph_ps(dw), _mm_broadcastss_ps(da));
-            chain = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), dd, chain);
+            chain = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_epi32(dot)), dd, chain);
             continue;
         }
 #pragma GCC unroll 4
@@ -424,11 +428,6 @@ void dot_q4_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
     for (int i = 0; i < NA; ++i) out[i * os] = acc[i] - accm[i];
 }
 
-// Sums of the 8 int32 lanes of each of v[0..3], as the 4 lanes of one vector.
-HL_INLINE __m128i hsum4_epi32(const __m256i* v) {
-    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-}
 
 // Q4_K matvec (ggml_gemv order: one float step per super-block), MATVEC_NR rows side by side:
 // the activation block is loaded once for the 4 rows, the 4 rows' integer sums are reduced
