@@ -57,11 +57,6 @@ HL_INLINE __m256i high_nibbles(__m256i v) {
 #endif
 }
 
-// [d * da, dmin * da] of a K block in lanes 0 and 1 (d and dmin are adjacent f16s at p).
-HL_INLINE __m128 k_scales(const uint8_t* p, const float* da) {
-    return _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(load_u32(p)))), _mm_broadcast_ss(da));
-}
-
 // ---- 32-element blocks (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0), bit-exact with llama.cpp -------------------
 //
 // Each block's codes are unpacked in element order (low nibbles -> elements 0-15, high nibbles
@@ -319,6 +314,17 @@ HL_INLINE __m128i scale_min_k4(const uint8_t* s) {
     return _mm_unpacklo_epi32(low6, hi);
 }
 
+// Q4_K / Q5_K scales and mins as int16 multipliers: sc16 = sc[0..7] in both 128-bit halves (for
+// lane_scale), mn16 = m[j] for 16-groups 2j and 2j + 1 (to madd with the activations' bsums).
+struct K4Scales {
+    __m256i sc16, mn16;
+};
+HL_INLINE K4Scales k4_scales(const uint8_t* s) {
+    const __m128i scmn = scale_min_k4(s);  // bytes 0-7: sc[j], 8-15: m[j]
+    return {_mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn)),
+            _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(scmn, scmn))};
+}
+
 // Q3_K scales in SIMD (as unpack_scales_q3_K): 16 signed bytes. Reads exactly the 12 bytes.
 HL_INLINE __m128i scales_q3_K(const uint8_t* s) {
     const __m128i v = _mm_insert_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)),
@@ -382,9 +388,7 @@ void dot_q4_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
         const auto* x = reinterpret_cast<const block_q4_K*>(w) + b;
         prefetch_ahead(x, sizeof(*x));
         const float dw = load_f16(x->d), dmw = load_f16(x->dmin);
-        const __m128i scmn = scale_min_k4(x->scales);  // bytes 0-7: sc[j], 8-15: m[j]
-        const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn));
-        const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(scmn, scmn));  // m[j] per 16-group
+        const auto [sc16, mn16] = k4_scales(x->scales);
         __m256i tot[NA], pair[NA][4];
         for (int i = 0; i < NA; ++i) tot[i] = _mm256_setzero_si256();
 #pragma GCC unroll 4
@@ -457,9 +461,8 @@ void matvec_q4_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, flo
             const auto* x = reinterpret_cast<const block_q4_K*>(w + r * rb) + b;
             dh = _mm_insert_epi16(dh, load_u16(x->d), r);
             mh = _mm_insert_epi16(mh, load_u16(x->dmin), r);
-            const __m128i scmn = scale_min_k4(x->scales);  // bytes 0-7: sc[j], 8-15: m[j]
-            const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn));
-            imin[r] = _mm256_madd_epi16(bs16, _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(scmn, scmn)));
+            const auto [sc16, mn16] = k4_scales(x->scales);
+            imin[r] = _mm256_madd_epi16(bs16, mn16);
             __m256i t = _mm256_setzero_si256();
 #pragma GCC unroll 4
             for (int c = 0; c < 4; ++c) {
@@ -504,9 +507,7 @@ void dot_q5_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
         const auto* x = reinterpret_cast<const block_q5_K*>(w) + b;
         prefetch_ahead(x, sizeof(*x));
         const float dw = load_f16(x->d), dmw = load_f16(x->dmin);
-        const __m128i scmn = scale_min_k4(x->scales);  // bytes 0-7: sc[j], 8-15: m[j]
-        const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn));
-        const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(scmn, scmn));  // m[j] per 16-group
+        const auto [sc16, mn16] = k4_scales(x->scales);
         // Two integer accumulators per row (even / odd sub-blocks) halve the dependency chain.
         __m256i isum[NA][2];
         for (int i = 0; i < NA; ++i) isum[i][0] = isum[i][1] = _mm256_setzero_si256();

@@ -324,17 +324,21 @@ def quantize_q8_K(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.rint(xb * iscale[..., None]).astype(np.int64), d
 
 
-def q4_K_parts(raw: np.ndarray, rows: int, cols: int):  # noqa: ANN201
-    """Q4_K rows -> d, dmin (rows, nb) float32, sc, m (rows, nb, 8), codes (rows, nb, 8, 32)."""
+def k4_parts(raw: np.ndarray, qtype: Q, rows: int, cols: int):  # noqa: ANN201
+    """Q4_K / Q5_K rows -> d, dmin (rows, nb) float32, sc, m (rows, nb, 8), codes (rows, nb, 8, 32)
+    (Q5_K: bit j of qh[l] is the fifth bit of element 32 j + l)."""
     nb = cols // 256
-    blk = np.ascontiguousarray(raw).reshape(rows, nb, 144)
+    blk = np.ascontiguousarray(raw).reshape(rows, nb, BLOCKS[qtype][1])
     d = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(F32)
     dmin = blk[..., 2:4].copy().view(np.float16)[..., 0].astype(F32)
     s = blk[..., 4:16].astype(np.int64)
     sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
     m = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
-    qs = blk[..., 16:].reshape(rows, nb, 4, 32).astype(np.int64)
+    qs = blk[..., -128:].reshape(rows, nb, 4, 32).astype(np.int64)
     codes = np.stack([qs & 15, qs >> 4], axis=3).reshape(rows, nb, 8, 32)
+    if qtype == Q.Q5_K:
+        qh = blk[..., 16:48].astype(np.int64)
+        codes = codes | (np.stack([(qh >> j) & 1 for j in range(8)], axis=2) << 4)
     return d, dmin, sc, m, codes
 
 
@@ -342,7 +346,7 @@ def ref_q4_K(raw: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray
     """llama.cpp's repacked q4_K 8x8 kernels: activation rows below n - n % 4 go through
     ggml_gemm (a float step per pair of sub-blocks), the rest through ggml_gemv (per super-block):
     acc = fma(float(sum sc (q . a)), d * da, acc), accm = fma(float(sum m bsum), dmin * da, accm)."""
-    d, dmin, sc, m, codes = q4_K_parts(raw, rows, cols)
+    d, dmin, sc, m, codes = k4_parts(raw, Q.Q4_K, rows, cols)
     q, da = quantize_q8_K(x)
     n, nb = x.shape[0], cols // 256
     qa = q.reshape(n, nb, 8, 32)
@@ -406,31 +410,11 @@ def ref_q4_0_chain(raw: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.n
     return out
 
 
-@pytest.mark.parametrize("n", [1, 3, 4, 6, 9])
-def test_q4_K_matches_repacked_kernels(n: int) -> None:
-    _cpp_simd()
-    rows, cols = 24, 1024
-    raw = random_raw(Q.Q4_K, rows, cols, seed=n)
-    x = activations(n, cols, seed=400 + n)
-    got = kernels.matmul(raw, Q.Q4_K, (rows, cols), x, backend="cpp")
-    np.testing.assert_array_equal(got.view(np.uint32), ref_q4_K(raw, rows, cols, x).view(np.uint32))
-
-
 def ref_q5_K_tiled(raw: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
     """ggml's tiled K-quant matmul for Q5_K (8 or more activation rows), per super-block:
     res = fma(-dmin, float(sum m bsum), float(sum sc q a) * d); acc = fma(res, da, acc)."""
     nb = cols // 256
-    blk = np.ascontiguousarray(raw).reshape(rows, nb, 176)
-    d = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(F32)
-    dmin = blk[..., 2:4].copy().view(np.float16)[..., 0].astype(F32)
-    s = blk[..., 4:16].astype(np.int64)
-    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
-    m = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
-    qh = blk[..., 16:48].astype(np.int64)  # bit j of qh[l]: element 32 j + l
-    qs = blk[..., 48:].reshape(rows, nb, 4, 32).astype(np.int64)
-    low = np.stack([qs & 15, qs >> 4], axis=3).reshape(rows, nb, 8, 32)
-    high = np.stack([(qh >> j) & 1 for j in range(8)], axis=2)  # (rows, nb, 8, 32)
-    codes = low | (high << 4)
+    d, dmin, sc, m, codes = k4_parts(raw, Q.Q5_K, rows, cols)
     q, da = quantize_q8_K(x)
     out = np.zeros((x.shape[0], rows), F32)
     for i in range(x.shape[0]):
@@ -445,31 +429,20 @@ def ref_q5_K_tiled(raw: np.ndarray, rows: int, cols: int, x: np.ndarray) -> np.n
     return out
 
 
-@pytest.mark.parametrize("n", [8, 11])
-def test_q5_K_matches_tiled_matmul(n: int) -> None:
+# (type, reference, rows, cols, activation rows to try, activation seed base)
+REFERENCE_CASES = [
+    (Q.Q4_K, ref_q4_K, 24, 1024, (1, 3, 4, 6, 9), 400),  # repacked q4_K 8x8 gemv and gemm
+    (Q.Q5_K, ref_q5_K_tiled, 17, 512, (8, 11), 900),  # tiled K-quant matmul
+    (Q.Q6_K, ref_q6_K_tiled, 21, 768, (8, 13), 500),  # tiled K-quant matmul
+    (Q.Q4_0, ref_q4_0_chain, 19, 32 * 23, (1, 5), 600),  # repacked q4_0 8x8
+]
+
+
+@pytest.mark.parametrize("qtype,ref,rows,cols,ns,seed", REFERENCE_CASES, ids=lambda v: getattr(v, "name", None))
+def test_matches_llama_cpp_reference(qtype: Q, ref, rows: int, cols: int, ns: tuple[int, ...], seed: int) -> None:  # noqa: ANN001
     _cpp_simd()
-    rows, cols = 17, 512
-    raw = random_raw(Q.Q5_K, rows, cols, seed=n)
-    x = activations(n, cols, seed=900 + n)
-    got = kernels.matmul(raw, Q.Q5_K, (rows, cols), x, backend="cpp")
-    np.testing.assert_array_equal(got.view(np.uint32), ref_q5_K_tiled(raw, rows, cols, x).view(np.uint32))
-
-
-@pytest.mark.parametrize("n", [8, 13])
-def test_q6_K_matches_tiled_matmul(n: int) -> None:
-    _cpp_simd()
-    rows, cols = 21, 768
-    raw = random_raw(Q.Q6_K, rows, cols, seed=n)
-    x = activations(n, cols, seed=500 + n)
-    got = kernels.matmul(raw, Q.Q6_K, (rows, cols), x, backend="cpp")
-    np.testing.assert_array_equal(got.view(np.uint32), ref_q6_K_tiled(raw, rows, cols, x).view(np.uint32))
-
-
-@pytest.mark.parametrize("n", [1, 5])
-def test_q4_0_matches_repacked_kernels(n: int) -> None:
-    _cpp_simd()
-    rows, cols = 19, 32 * 23
-    raw = random_raw(Q.Q4_0, rows, cols, seed=n)
-    x = activations(n, cols, seed=600 + n)
-    got = kernels.matmul(raw, Q.Q4_0, (rows, cols), x, backend="cpp")
-    np.testing.assert_array_equal(got.view(np.uint32), ref_q4_0_chain(raw, rows, cols, x).view(np.uint32))
+    for n in ns:
+        raw = random_raw(qtype, rows, cols, seed=n)
+        x = activations(n, cols, seed=seed + n)
+        got = kernels.matmul(raw, qtype, (rows, cols), x, backend="cpp")
+        np.testing.assert_array_equal(got.view(np.uint32), ref(raw, rows, cols, x).view(np.uint32), err_msg=f"n={n}")
