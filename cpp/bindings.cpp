@@ -147,6 +147,7 @@ PYBIND11_MODULE(_core, m) {
           py::arg("cols"), py::arg("ids"), py::arg("out"),
           "out[k, cols] = dequantized rows ids[k] (int64).");
     m.def("simd_path", &simd_path, "SIMD path of the kernels, e.g. 'avx2+fma+f16c' or 'scalar'.");
+    m.def("float_lanes", &hl::float_lanes, "Float lanes of ggml's SIMD for this build's ISA (16 or 8).");
     m.def("physical_cores", &hl::physical_cores, "Physical cores in this process's CPU affinity.");
     m.def("stream_read", &py_stream_read, py::arg("buf"), py::arg("n_threads") = 0,
           "Read every byte of buf with n_threads threads; returns a checksum (bandwidth probe).");

@@ -148,14 +148,9 @@ void round_f16_row(float* x, int64_t n) {
     for (; i < n; ++i) x[i] = round_f16(x[i]);
 }
 
-// Lanes of ggml's float SIMD on this CPU, decided as backends.cpu._simd_lanes does.
-int simd_lanes() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return 16;
-#endif
-    return 8;
-}
+// Lanes of ggml's float SIMD in the llama.cpp we reproduce: one built for the same ISA as this
+// core (16 with AVX-512F, else 8), as float_lanes() tells Python.
+int simd_lanes() { return float_lanes(); }
 
 // ---- element-wise numerics (PyBlock's, see backends/cpu.py) --------------------------------
 

@@ -239,6 +239,9 @@ const char* simd_path_compiled() {
     // Base AVX2 path plus the optional extensions the kernels use when the build targets them.
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     return "avx2+fma+f16c"
+#if defined(__AVX512F__)
+           "+avx512f"
+#endif
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
            "+avx512vnni"
 #elif defined(__AVXVNNI__)

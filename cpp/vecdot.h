@@ -76,6 +76,16 @@ RowKernel get_kernel_scalar(int type, int na, int act_kind);
 RowKernel get_kernel_avx2(int type, int na, int act_kind);
 MatvecKernel get_matvec_kernel_avx2(int type, int act_kind);
 
+// Float lanes of ggml's SIMD vectors (GGML_F32_EPR) in a llama.cpp built for the ISA this core
+// is built for: 16 with AVX-512F, else 8. Every float summation order we copy depends on it.
+constexpr int float_lanes() {
+#if defined(__AVX512F__)
+    return 16;
+#else
+    return 8;
+#endif
+}
+
 // Whether this build has SIMD kernels at all.
 bool have_simd_kernels();
 

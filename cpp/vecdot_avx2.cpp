@@ -754,11 +754,7 @@ HL_INLINE float load1x(const float* x, int64_t c) {
 //     round-robin over each 4 L elements, folded (0+2, 1+3, then 0+1) and reduced (AVX-512 by
 //     halving; AVX2: the 128-bit halves added, then two horizontal adds); the last cols % 4L
 //     products are added after, in double for F16 and in float (rounded product) for F32.
-#if defined(__AVX512F__)
-constexpr int kFloatLanes = 16;
-#else
-constexpr int kFloatLanes = 8;
-#endif
+constexpr int kFloatLanes = float_lanes();
 
 template <int WT, int NA>
 void dot_float(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out, int64_t os) {

@@ -1,5 +1,7 @@
 """hybridllm: a CPU/GPU hybrid runtime for quantized GGUF language models."""
 
+from . import _native  # noqa: F401  (loads the C++ core first, honouring HYBRIDLLM_CORE)
+
 from .errors import (
     ContextFullError,
     DeviceError,

@@ -146,11 +146,9 @@ def core_block_class() -> Any:
     """`_core.Block` when the C++ core provides it (and HYBRIDLLM_BLOCK != "python"), else None."""
     if os.environ.get("HYBRIDLLM_BLOCK", "").lower() == "python":
         return None
-    try:
-        from . import _core  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return getattr(_core, "Block", None)
+    from ._native import core
+
+    return getattr(core, "Block", None)
 
 
 def make_block(

@@ -284,7 +284,7 @@ def test_float_matches_tinyblas(qtype: Q) -> None:
     got = kernels.matmul(w.view(np.uint8).reshape(rows, -1), qtype, (rows, cols), x, backend="cpp")
     from hybridllm import _core
 
-    lanes = 16 if "avx512" in _core.simd_path() else 8  # ggml's float vector on this build
+    lanes = _core.float_lanes()  # ggml's float vector on this build
     ref = ref_float_tinyblas(w, x, qtype == Q.F16, lanes)
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
 

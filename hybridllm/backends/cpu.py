@@ -24,13 +24,18 @@ from numba.extending import intrinsic
 
 
 def _simd_lanes() -> int:
-    """Float lanes of ggml's CPU SIMD here (llama.cpp builds for the host): 16 with AVX-512, else 8."""
+    """Float lanes of ggml's CPU SIMD (GGML_F32_EPR) in the llama.cpp we reproduce: the C++ core's
+    (a llama.cpp built for the same ISA), else this CPU's: 16 with AVX-512, else 8."""
+    from .._native import core
+
+    if core is not None:
+        return int(core.float_lanes())
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
         return 8
-    return 16 if {"avx512f", "avx512dq"} <= set(flags) else 8
+    return 16 if "avx512f" in flags else 8
 
 
 def _numba_threads(n_threads: int | None) -> int:

@@ -43,13 +43,8 @@ __all__ = [
 ENV_VAR = "HYBRIDLLM_KERNELS"
 BACKENDS = ("cpp", "numba")
 
-try:
-    from .. import _core
-except ImportError as exc:  # not built (no compiler at install time) or broken build
-    _core = None
-    _CORE_ERROR: str | None = f"{type(exc).__name__}: {exc}"
-else:
-    _CORE_ERROR = None
+from .._native import CORE_ERROR as _CORE_ERROR
+from .._native import core as _core
 
 _numba_module: ModuleType | None = None
 _warned_fallback = False
