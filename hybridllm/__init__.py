@@ -1,7 +1,6 @@
 """hybridllm: a CPU/GPU hybrid runtime for quantized GGUF language models."""
 
 from . import _native  # noqa: F401  (loads the C++ core first, honouring HYBRIDLLM_CORE)
-
 from .errors import (
     ContextFullError,
     DeviceError,

@@ -24,6 +24,8 @@ from types import ModuleType
 
 import numpy as np
 
+from .._native import CORE_ERROR as _CORE_ERROR
+from .._native import core as _core
 from ..errors import ConfigError, HybridLLMError
 from ._types import SUPPORTED, TypeSpec, resolve_qtype
 
@@ -43,8 +45,6 @@ __all__ = [
 ENV_VAR = "HYBRIDLLM_KERNELS"
 BACKENDS = ("cpp", "numba")
 
-from .._native import CORE_ERROR as _CORE_ERROR
-from .._native import core as _core
 
 _numba_module: ModuleType | None = None
 _warned_fallback = False
