@@ -197,12 +197,16 @@ def random_raw(qtype: Q, rows: int, cols: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def ggml():  # noqa: ANN201
-    """ggml-cpu's type traits through ctypes: (from_float, vec_dot) of llama-cpp-python's build."""
+    """ggml-cpu's type traits through ctypes: (from_float, vec_dot) of the llama.cpp build that
+    llama-cpp-python loads (its own, or the one in $LLAMA_CPP_LIB_PATH)."""
     import ctypes
     import os
 
     llama_cpp = pytest.importorskip("llama_cpp")
-    path = os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so")
+    lib_dir = os.environ.get("LLAMA_CPP_LIB_PATH") or os.path.join(
+        os.path.dirname(llama_cpp.__file__), "lib"
+    )
+    path = os.path.join(lib_dir, "libggml-cpu.so")
     if not os.path.exists(path):
         pytest.skip(f"{path} not found")
     lib = ctypes.CDLL(path)
