@@ -15,6 +15,19 @@ from types import ModuleType
 
 CORE_ENV = "HYBRIDLLM_CORE"
 
+# How long an idle OpenMP thread (ours and Numba's, both GNU OpenMP) spins before it sleeps, in
+# libgomp's turns. Its default, 300,000 turns (milliseconds), makes every barrier cost whole time
+# slices once other programs keep the cores busy: 40 tokens took 5.2 s with 2 threads instead of
+# 0.4 s with 1. A short spin still covers the microseconds a balanced barrier waits on a quiet
+# machine (bench/RESULTS.md, "Busy machines"). OMP_WAIT_POLICY or GOMP_SPINCOUNT set by the user win.
+SPIN_TURNS = "3000"
+
+
+def _set_wait_policy() -> None:
+    """Before libgomp loads (it reads the environment once)."""
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = SPIN_TURNS
+
 
 def _load() -> tuple[ModuleType | None, str | None]:
     """(module, None) when the core loads, else (None, why not)."""
@@ -37,4 +50,5 @@ def _load() -> tuple[ModuleType | None, str | None]:
     return _core, None
 
 
+_set_wait_policy()
 core, CORE_ERROR = _load()
