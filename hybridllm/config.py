@@ -135,6 +135,11 @@ class ModelConfig:
             value = meta(template.format(arch=arch))
             return default if value is None else value
 
+        if int(get(Keys.LLM.EXPERT_COUNT, 0) or 0) > 0:
+            raise ModelFormatError(
+                f"{source}: a mixture of experts ({arch}.expert_count = "
+                f"{get(Keys.LLM.EXPERT_COUNT, 0)}) is not supported yet"
+            )
         dim = int(need(Keys.LLM.EMBEDDING_LENGTH))
         n_heads = int(_first(need(Keys.Attention.HEAD_COUNT)))
         n_kv_heads = int(_first(get(Keys.Attention.HEAD_COUNT_KV, n_heads)))

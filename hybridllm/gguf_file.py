@@ -8,6 +8,7 @@ ModelFormatError naming the file and the fault, never a bare numpy/struct error 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -179,12 +180,42 @@ class ModelFile:
             required += self.config.block_tensor_names(layer)
         for name in required:
             self.tensor(name)  # raises when missing
+        for name in sorted(set(self.tensors) - set(required) - {"output.weight"}):
+            if not KNOWN_UNUSED.match(name):
+                raise ModelFormatError(f"{self.path}: {unread_tensor_error(name, self.config.arch)}")
         for t in self.tensors.values():
             if t.qtype not in SUPPORTED_TYPES:
                 raise UnsupportedTensorTypeError(
                     f"{self.path}: tensor {t.name!r} has type {t.qtype.name}, which hybridllm does not "
                     f"support yet (supported: {', '.join(sorted(q.name for q in SUPPORTED_TYPES))})"
                 )
+
+
+#: Tensors a file may carry that llama.cpp does not read either (an old rotary table).
+KNOWN_UNUSED = re.compile(r"^blk\.\d+\.attn_rot_embd\.weight$")
+
+#: What a tensor we do not read would have done: ignoring it would give wrong answers silently.
+TENSOR_FEATURES = {
+    "rope_freqs": "rope frequency factors (Llama 3.1+ rope scaling)",
+    "rope_factors_long": "LongRoPE frequency factors",
+    "rope_factors_short": "LongRoPE frequency factors",
+    "attn_qkv": "a fused Q/K/V projection",
+    "ffn_gate_inp": "a mixture-of-experts router",
+    "ffn_gate_exps": "mixture-of-experts weights",
+    "bias": "a bias",
+}
+
+
+def unread_tensor_error(name: str, arch: str) -> str:
+    """Why a tensor this runtime does not read makes the file unsupported, naming the feature."""
+    parts = name.split(".")
+    feature = next(
+        (TENSOR_FEATURES[p] for p in (parts[-1], *parts) if p in TENSOR_FEATURES), "a tensor"
+    )
+    return (
+        f"tensor {name!r} ({feature}) is not supported yet for architecture {arch!r}: "
+        "running without it would give wrong answers"
+    )
 
 
 def open_reader(path: str | os.PathLike[str]) -> GGUFReader:

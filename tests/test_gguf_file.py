@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -55,10 +56,8 @@ def test_summary_accounts_for_every_byte(gemma_path: str) -> None:
 
 
 # --- broken files ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny valid llama GGUF (one block), so corrupting copies of it is cheap."""
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+def write_small_model(path: Path, extra_tensors=(), extra_meta=None) -> Path:  # noqa: ANN001
+    """A tiny valid llama GGUF (one block), plus any extra (name, shape) tensors and metadata."""
     w = gguf.GGUFWriter(str(path), "llama")
     dim, ffn, vocab = 32, 64, 16
     w.add_block_count(1)
@@ -69,6 +68,8 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     w.add_head_count_kv(2)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
+    for key, value in (extra_meta or {}).items():
+        w.add_uint32(key, value)
     rng = np.random.default_rng(0)
     shapes = {
         "token_embd.weight": (vocab, dim), "output_norm.weight": (dim,),
@@ -77,7 +78,7 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "blk.0.attn_v.weight": (dim // 2, dim), "blk.0.attn_output.weight": (dim, dim),
         "blk.0.ffn_gate.weight": (ffn, dim), "blk.0.ffn_up.weight": (ffn, dim),
         "blk.0.ffn_down.weight": (dim, ffn),
-    }  # fmt: skip
+    } | dict(extra_tensors)  # fmt: skip
     for name, shape in shapes.items():
         w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
     w.write_header_to_file()
@@ -85,6 +86,12 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny valid llama GGUF (one block), so corrupting copies of it is cheap."""
+    return write_small_model(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
 def _copy(src: Path, dst: Path, edit=None, size: int | None = None) -> Path:  # noqa: ANN001
@@ -188,6 +195,32 @@ def test_missing_tensor(small_model: Path, tmp_path: Path) -> None:
 
     with pytest.raises(ModelFormatError, match="'blk.0.ffn_down.weight' is missing"):
         ModelFile(_copy(small_model, tmp_path / "missing.gguf", edit))
+
+
+@pytest.mark.parametrize(
+    ("tensor", "shape", "feature"),
+    [
+        ("rope_freqs.weight", (4,), "rope frequency factors"),  # Llama 3.1+: wrong answers without
+        ("blk.0.attn_q.bias", (32,), "a bias"),
+        ("blk.0.ffn_gate_inp.weight", (4, 32), "a mixture-of-experts router"),
+        ("blk.0.mystery.weight", (32,), "a tensor"),
+    ],
+)
+def test_unread_tensor_is_refused(tmp_path: Path, tensor: str, shape: tuple, feature: str) -> None:
+    path = write_small_model(tmp_path / "extra.gguf", extra_tensors=[(tensor, shape)])
+    with pytest.raises(ModelFormatError, match=f"extra.gguf.*'{re.escape(tensor)}' \\({feature}"):
+        ModelFile(path)
+
+
+def test_known_unused_tensor_is_accepted(tmp_path: Path) -> None:
+    path = write_small_model(tmp_path / "rot.gguf", extra_tensors=[("blk.0.attn_rot_embd.weight", (8,))])
+    assert ModelFile(path).config.n_layers == 1
+
+
+def test_mixture_of_experts_is_refused(tmp_path: Path) -> None:
+    path = write_small_model(tmp_path / "moe.gguf", extra_meta={"llama.expert_count": 8})
+    with pytest.raises(ModelFormatError, match="moe.gguf: a mixture of experts"):
+        ModelFile(path)
 
 
 def test_random_corruption_never_crashes(small_model: Path, tmp_path: Path) -> None:
