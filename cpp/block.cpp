@@ -7,8 +7,8 @@
 //   2  q [n][H*dk], k [n][KV*dk], v [n][KV*dv] = xn @ W.T: one work list over the three, items
 //      of whole heads; the thread that computed a head applies q_norm/k_norm (gemma3), rope and
 //      Q's f16 rounding, and writes K, V rounded into the f16 caches [n_ctx][KV*dk], [n_ctx][KV*dv]
-//   3  (batches) the keys of the step transposed to float for the scores
-//   4  o [n][H*dv] = softmax(q16 . K^T * scale + causal/window mask), rounded to f16, . V
+//   3-4  o [n][H*dv] = softmax(q16 . K^T * scale + causal/window mask), rounded to f16, . V
+//      (attention.cpp: its own work split and barriers inside the region)
 //   5  quantize o;  6  att = o @ Wo.T
 //   7  x += post_attention_norm?(att); h = rms_norm(x) * ffn_norm; quantize h
 //   8  a [n][ffn] = act(h @ Wg.T) * (h @ Wu.T)   (activation applied per weight-row chunk)
@@ -20,12 +20,13 @@
 // Numerics are PyBlock's on backends/cpu.py, which reproduce llama.cpp's CPU path: RMSNorm
 // squares in float summed in double; rope with libm cosf/sinf tables and one FMA per output;
 // float16 K/V cache and Q (round to nearest even); Q.K and P.V with ggml's SIMD lane order
-// (tinyBLAS's single accumulator for batches, ggml_vec_dot_f16's four for one row) and halving
-// reductions; ggml_v_expf softmax with probabilities rounded to f16; SiLU via ggml_v_expf and
+// (tinyBLAS's single accumulator for batches, ggml_vec_dot_f16's four for one row; see
+// attention.h); ggml_v_expf softmax with probabilities rounded to f16; SiLU via ggml_v_expf and
 // GELU via ggml's f16 table. No a*b+c in this file may be contracted into an FMA (the pragma
 // below), because the reference rounds the product first; FMAs are written out where ggml has
-// them. The SIMD lane count L of that order is the CPU's (16 with AVX-512F+DQ, else 8), as
-// backends.cpu.SIMD_LANES; the AVX-512 code below is used when L = 16 and the build has it,
+// them. The SIMD lane count L of that order is the build's (16 with AVX-512F, else 8: the
+// llama.cpp built for the same ISA), as backends.cpu.SIMD_LANES; ggml_v_expf differs between
+// the two (ops.h). The SIMD code (ops.h's Isa16 / Isa8 traits) runs when the build has the ISA,
 // a portable version of the same arithmetic otherwise (and under set_force_scalar).
 #include "block.h"
 
@@ -45,13 +46,11 @@
 #include <tuple>
 #include <vector>
 
+#include "attention.h"
 #include "matmul.h"
+#include "ops.h"
 #include "quants.h"
 #include "vecdot.h"
-
-#if defined(__F16C__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 // Every function defined below this line: no contraction of separate multiplies and adds.
 #pragma GCC optimize("fp-contract=off")
@@ -63,94 +62,7 @@ namespace {
 
 // ---- small utilities -----------------------------------------------------------------------
 
-// Grow-only 64-byte aligned buffer of T (contents undefined after growth).
-template <class T>
-class Buf {
-   public:
-    Buf() = default;
-    Buf(const Buf&) = delete;
-    Buf& operator=(const Buf&) = delete;
-    ~Buf() { release(); }
-    T* get(size_t n) {
-        if (n > cap_) {
-            release();
-            p_ = static_cast<T*>(::operator new(std::max<size_t>(n, 1) * sizeof(T), std::align_val_t(64)));
-            cap_ = n;
-        }
-        return p_;
-    }
-
-   private:
-    void release() {
-        if (p_ != nullptr) ::operator delete(p_, std::align_val_t(64));
-        p_ = nullptr;
-        cap_ = 0;
-    }
-    T* p_ = nullptr;
-    size_t cap_ = 0;
-};
-
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-
-// float -> IEEE half bits, round to nearest even (numpy's astype(float16)).
-inline uint16_t f32_to_f16_portable(float f) {
-    uint32_t x;
-    std::memcpy(&x, &f, 4);
-    const uint32_t sign = (x >> 16) & 0x8000u;
-    const uint32_t ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));
-    if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520: inf
-    if (ax < 0x38800000u) {  // below 2^-14: a multiple of 2^-24 (subnormal half) or zero
-        float a;
-        std::memcpy(&a, &ax, 4);
-        return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(a * 16777216.0f)));
-    }
-    const uint32_t r = ax + 0xfffu + ((ax >> 13) & 1u) - 0x38000000u;  // RNE, exponent 127 -> 15
-    return static_cast<uint16_t>(sign | (r >> 13));
-}
-
-inline uint16_t f32_to_f16(float f) {
-#if defined(__F16C__)
-    return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
-#else
-    return f32_to_f16_portable(f);
-#endif
-}
-
-inline float round_f16(float f) { return fp16_to_f32(f32_to_f16(f)); }
-
-void to_f16_row(const float* src, uint16_t* dst, int64_t n) {
-    int64_t i = 0;
-#if defined(__F16C__)
-    for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-#endif
-    for (; i < n; ++i) dst[i] = f32_to_f16(src[i]);
-}
-
-void from_f16_row(const uint16_t* src, float* dst, int64_t n) {
-    int64_t i = 0;
-#if defined(__F16C__)
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-#endif
-    for (; i < n; ++i) dst[i] = fp16_to_f32(src[i]);
-}
-
-// x rounded to float16 precision in place (Q before the f16 Q.K product).
-void round_f16_row(float* x, int64_t n) {
-    int64_t i = 0;
-#if defined(__F16C__)
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT)));
-#endif
-    for (; i < n; ++i) x[i] = round_f16(x[i]);
-}
-
-// Lanes of ggml's float SIMD in the llama.cpp we reproduce: one built for the same ISA as this
-// core (16 with AVX-512F, else 8), as float_lanes() tells Python.
-int simd_lanes() { return float_lanes(); }
 
 // ---- element-wise numerics (PyBlock's, see backends/cpu.py) --------------------------------
 
@@ -165,29 +77,6 @@ void rms_norm_row(const float* x, const float* w, float eps, int64_t k, float* o
     const float mean = static_cast<float>(acc / static_cast<double>(k));
     const float scale = 1.0f / std::sqrt(mean + eps);
     for (int64_t j = 0; j < k; ++j) out[j] = (x[j] * scale) * w[j];
-}
-
-// ggml_v_expf for one lane, bit for bit (ARM optimized-routines expf as in ggml-cpu/vec.h).
-constexpr float kLog2e = 0x1.715476p+0f, kLn2Hi = 0x1.62e4p-1f, kLn2Lo = 0x1.7f7d1cp-20f;
-constexpr float kE0 = 0x1.0e4020p-7f, kE1 = 0x1.573e2ep-5f, kE2 = 0x1.555e66p-3f,
-                kE3 = 0x1.fffdb6p-2f, kE4 = 0x1.ffffecp-1f;
-constexpr float kShift = 0x1.8p23f;  // adding it rounds to an integer
-
-inline float v_expf(float x) {
-    const float z = std::fma(x, kLog2e, kShift);
-    const float n = z - kShift;
-    const float b = std::fma(-n, kLn2Lo, std::fma(-n, kLn2Hi, x));
-    const float u = b * b;
-    const float j = std::fma(std::fma(std::fma(kE0, b, kE1), u, std::fma(kE2, b, kE3)), u,
-                             std::fma(kE4, b, 1.0f));
-    if (!(std::fabs(n) <= 126.0f)) {  // outside the fast path (or NaN)
-        if (n != n) return n;
-        return n < 0 ? 0.0f : std::numeric_limits<float>::infinity();
-    }
-    const uint32_t bits = static_cast<uint32_t>(static_cast<int>(n) + 127) << 23;  // 2^n exactly
-    float p;
-    std::memcpy(&p, &bits, 4);
-    return j * p;
 }
 
 // GELU(tanh) as ggml_gelu_f32 compiles (the inner 1 + (A*x)*x one FMA, libm tanhf); constants
@@ -212,65 +101,27 @@ const float* gelu_table() {
 }
 
 #if defined(__AVX512F__)
-// ggml_v_expf on 16 lanes: the same FMAs lane by lane; j * 2^n with scalef (exact power of two).
-inline __m512 v_expf16(__m512 x) {
-    const __m512 shift = _mm512_set1_ps(kShift);
-    const __m512 z = _mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), shift);
-    const __m512 n = _mm512_sub_ps(z, shift);
-    const __m512 nn = _mm512_castsi512_ps(
-        _mm512_xor_si512(_mm512_castps_si512(n), _mm512_set1_epi32(static_cast<int>(0x80000000u))));
-    const __m512 b = _mm512_fmadd_ps(nn, _mm512_set1_ps(kLn2Lo),
-                                     _mm512_fmadd_ps(nn, _mm512_set1_ps(kLn2Hi), x));
-    const __m512 u = _mm512_mul_ps(b, b);
-    const __m512 j = _mm512_fmadd_ps(
-        _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(kE0), b, _mm512_set1_ps(kE1)), u,
-                        _mm512_fmadd_ps(_mm512_set1_ps(kE2), b, _mm512_set1_ps(kE3))),
-        u, _mm512_fmadd_ps(_mm512_set1_ps(kE4), b, _mm512_set1_ps(1.0f)));
-    __m512 r = _mm512_scalef_ps(j, n);
-    const __mmask16 big = _mm512_cmp_ps_mask(_mm512_abs_ps(n), _mm512_set1_ps(126.0f), _CMP_GT_OQ);
-    if (big) {
-        const __mmask16 neg = _mm512_cmp_ps_mask(n, _mm512_setzero_ps(), _CMP_LT_OQ);
-        r = _mm512_mask_mov_ps(r, big & neg, _mm512_setzero_ps());
-        r = _mm512_mask_mov_ps(r, big & ~neg, _mm512_set1_ps(std::numeric_limits<float>::infinity()));
-    }
-    return r;
-}
-
-// Sum of the 16 lanes by halving (i + i+8, then i + i+4, ...): _mm512_reduce_add_ps's order.
-inline float hsum16(__m512 v) {
-    const __m256 lo = _mm512_castps512_ps256(v);
-    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-    const __m256 s8 = _mm256_add_ps(hi, lo);
-    const __m128 s4 = _mm_add_ps(_mm256_extractf128_ps(s8, 1), _mm256_castps256_ps128(s8));
-    const __m128 s2 = _mm_add_ps(_mm_movehl_ps(s4, s4), s4);
-    const __m128 s1 = _mm_add_ss(_mm_movehdup_ps(s2), s2);
-    return _mm_cvtss_f32(s1);
-}
-
-// a[0] = halving sum over the 16 vectors a[0..15] (lane-wise): acc[i] = acc[w+i] + acc[i].
-inline __m512 halve16(__m512* a) {
-    for (int w = 8; w >= 1; w /= 2)
-        for (int i = 0; i < w; ++i) a[i] = _mm512_add_ps(a[w + i], a[i]);
-    return a[0];
-}
-
-inline __m512 load_f16x16(const uint16_t* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+using Simd = Isa16;
+#define HL_SIMD_GLU 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+using Simd = Isa8;
+#define HL_SIMD_GLU 1
 #endif
 
-// SwiGLU on columns [j0, j1) of one row: (g / (1 + exp(-g))) * u, exp = ggml_v_expf on columns
-// below simd_end (the 16-lane body of ggml_vec_swiglu_f32), libm expf on the tail.
+// SwiGLU on columns [j0, j1) of one row: (g / (1 + exp(-g))) * u, exp = ggml_v_expf of this ISA
+// on columns below simd_end = ffn - ffn % L (the L-lane body of ggml_vec_swiglu_f32), libm expf
+// on the tail. Element-wise, so an item may start anywhere.
 void swiglu_cols(const float* g, const float* u, float* out, int64_t j0, int64_t j1, int64_t simd_end,
                  bool fast) {
     int64_t j = j0;
-#if defined(__AVX512F__)
+#if defined(HL_SIMD_GLU)
     if (fast) {
-        const __m512 one = _mm512_set1_ps(1.0f);
-        for (; j + 16 <= std::min(j1, simd_end); j += 16) {
-            const __m512 x = _mm512_loadu_ps(g + j);
-            const __m512 e = v_expf16(_mm512_sub_ps(_mm512_setzero_ps(), x));
-            _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + j)));
+        using S = Simd;
+        const S::V one = S::set1(1.0f);
+        for (; j + S::L <= std::min(j1, simd_end); j += S::L) {
+            const S::V x = S::load(g + j);
+            const S::V e = S::expf(S::sub(S::zero(), x));
+            S::store(out + j, S::mul(S::div(x, S::add(one, e)), S::load(u + j)));
         }
     }
 #else
@@ -278,7 +129,7 @@ void swiglu_cols(const float* g, const float* u, float* out, int64_t j0, int64_t
 #endif
     for (; j < j1; ++j) {
         const float x = g[j];
-        const float e = j < simd_end ? v_expf(0.0f - x) : std::exp(-x);
+        const float e = j < simd_end ? v_expf(0.0f - x, float_lanes() == 8) : std::exp(-x);
         out[j] = (x / (1.0f + e)) * u[j];
     }
 }
@@ -297,6 +148,18 @@ void geglu_cols(const float* g, const float* u, float* out, int64_t j0, int64_t 
             y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, hi, _CMP_GE_OQ), x);
             y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, lo, _CMP_LE_OQ), _mm512_setzero_ps());
             _mm512_storeu_ps(out + j, _mm512_mul_ps(y, _mm512_loadu_ps(u + j)));
+        }
+    }
+#elif defined(HL_SIMD_GLU)
+    if (fast) {
+        const __m256 lo = _mm256_set1_ps(-10.0f), hi = _mm256_set1_ps(10.0f);
+        for (; j + 8 <= j1; j += 8) {
+            const __m256 x = _mm256_loadu_ps(g + j);
+            const __m256i idx = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+            __m256 y = _mm256_i32gather_ps(table, idx, 4);
+            y = _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, hi, _CMP_GE_OQ));
+            y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LE_OQ));
+            _mm256_storeu_ps(out + j, _mm256_mul_ps(y, _mm256_loadu_ps(u + j)));
         }
     }
 #else
@@ -358,266 +221,6 @@ void rope_head(float* x, const float* cs, const float* sn, int64_t half, bool ne
         x[b] = std::fma(x0, s, x1c);
     }
 }
-
-// ---- attention: portable version of ggml's order for any L ---------------------------------
-
-template <int L>
-inline void reduce_lanes(float* v) {  // halving, into v[0]
-    for (int w = L / 2; w >= 1; w /= 2)
-        for (int i = 0; i < w; ++i) v[i] = v[w + i] + v[i];
-}
-
-// ggml_vec_dot_f16's fold of its four accumulators a[4][L] (0+2, 1+3, then lanes) -> float.
-template <int L>
-inline float reduce_vec(float (*a)[L]) {
-    for (int i = 0; i < L; ++i) a[0][i] = (a[0][i] + a[2][i]) + (a[1][i] + a[3][i]);
-    if (L == 16) {
-        reduce_lanes<L>(a[0]);
-        return a[0][0];
-    }
-    const float x = a[0][0] + a[0][4], c = a[0][1] + a[0][5], d = a[0][2] + a[0][6], e = a[0][3] + a[0][7];
-    return (x + c) + (d + e);  // AVX2: 128-bit halves, then two horizontal adds
-}
-
-// Softmax of s[0..nk) (positions lo..lo+nk-1) as ggml_soft_max, probabilities rounded to f16.
-template <int L>
-void softmax_generic(float* s, int64_t lo, int64_t nk) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < nk; ++j) m = std::max(m, s[j]);
-    for (int64_t j = 0; j < nk; ++j) s[j] = v_expf(s[j] - m);
-    const int64_t first = lo - lo % L;
-    const int64_t n_chunks = (lo + nk - first + L - 1) / L;
-    double total = 0.0;
-    for (int64_t c = 0; c < n_chunks; ++c) {  // L-lane chunks aligned on position 0, empty lanes 0
-        float ch[L];
-        for (int i = 0; i < L; ++i) {
-            const int64_t pos = first + c * L + i;
-            ch[i] = pos >= lo && pos < lo + nk ? s[pos - lo] : 0.0f;
-        }
-        reduce_lanes<L>(ch);
-        total += static_cast<double>(ch[0]);
-    }
-    const float inv = static_cast<float>(1.0 / total);
-    for (int64_t j = 0; j < nk; ++j) s[j] = round_f16(s[j] * inv);
-}
-
-// One query row of one head over cache positions lo..hi. q [dk] f16-rounded; kc/vc point at the
-// head's columns of cache row 0 (row strides ks/vs halves). batched: tinyBLAS's order (n > 1).
-// Scratch: s [nk], acc [4 * L * dv], row [max(dk, dv)].
-template <int L>
-void attend_generic(const float* q, const uint16_t* kc, int64_t ks, const uint16_t* vc, int64_t vs,
-                    int64_t lo, int64_t hi, int64_t dk, int64_t dv, float scale, bool batched,
-                    float* s, float* acc, float* row, float* out) {
-    const int64_t nk = hi + 1 - lo, step = 4 * L;
-    const bool tiny = batched && dk % L == 0;
-    const int64_t body = tiny ? dk : dk - dk % step;
-    for (int64_t j = 0; j < nk; ++j) {
-        from_f16_row(kc + (lo + j) * ks, row, dk);
-        float a4[4][L] = {};
-        for (int64_t c = 0; c < body; c += L) {
-            const int a = tiny ? 0 : static_cast<int>((c % step) / L);
-            for (int i = 0; i < L; ++i) a4[a][i] = std::fma(q[c + i], row[c + i], a4[a][i]);
-        }
-        float r;
-        if (tiny) {
-            reduce_lanes<L>(a4[0]);
-            r = a4[0][0];
-        } else {
-            r = reduce_vec<L>(a4);
-        }
-        double total = r;
-        for (int64_t k = body; k < dk; ++k) {  // vec_dot leftovers: float products summed in double
-            const float p = q[k] * row[k];
-            total += static_cast<double>(p);
-        }
-        s[j] = static_cast<float>(total) * scale;
-    }
-    softmax_generic<L>(s, lo, nk);
-    const int n_acc = batched ? 1 : 4;
-    std::fill(acc, acc + n_acc * L * dv, 0.0f);
-    for (int64_t j = 0; j < nk; ++j) {
-        const int64_t pos = lo + j;
-        const int64_t a = batched ? 0 : (pos % step) / L, lane = pos % L;
-        from_f16_row(vc + pos * vs, row, dv);
-        float* A = acc + (a * L + lane) * dv;
-        const float pj = s[j];
-        for (int64_t d = 0; d < dv; ++d) A[d] = std::fma(row[d], pj, A[d]);
-    }
-    if (!batched) {
-        for (int i = 0; i < L; ++i) {
-            float* a0 = acc + i * dv;
-            const float *a1 = acc + (L + i) * dv, *a2 = acc + (2 * L + i) * dv, *a3 = acc + (3 * L + i) * dv;
-            for (int64_t d = 0; d < dv; ++d) a0[d] = (a0[d] + a2[d]) + (a1[d] + a3[d]);
-        }
-        if (L == 8) {
-            for (int64_t d = 0; d < dv; ++d) {
-                const float x = acc[0 * dv + d] + acc[4 * dv + d], c = acc[1 * dv + d] + acc[5 * dv + d];
-                const float y = acc[2 * dv + d] + acc[6 * dv + d], e = acc[3 * dv + d] + acc[7 * dv + d];
-                out[d] = (x + c) + (y + e);
-            }
-            return;
-        }
-    }
-    for (int w = L / 2; w >= 1; w /= 2)
-        for (int i = 0; i < w; ++i)
-            for (int64_t d = 0; d < dv; ++d) acc[i * dv + d] = acc[(w + i) * dv + d] + acc[i * dv + d];
-    std::copy(acc, acc + dv, out);
-}
-
-// ---- attention: AVX-512 (L = 16), dk and dv multiples of 16 --------------------------------
-#if defined(__AVX512F__)
-
-// Scores of a query against keys held transposed in float (kt [dk][ldk], key column c0 + b):
-// tinyBLAS's order, one 16-lane accumulator per key, lanes over dims, folded by halving. Here the
-// 16 lane accumulators are 16 vectors over 16 keys, so the fold is 15 vector adds. Writes
-// s[0 .. round_up(nk, 16)) (the columns past nk are padding and land in s's slack).
-void scores_tiny16(const float* q, const float* kt, int64_t ldk, int64_t c0, int64_t nk, int64_t dk,
-                   float scale, float* s) {
-    const __m512 vscale = _mm512_set1_ps(scale);
-    for (int64_t b = 0; b < nk; b += 16) {
-        __m512 acc[16];
-        for (auto& a : acc) a = _mm512_setzero_ps();
-        const float* col = kt + c0 + b;
-        for (int64_t c = 0; c < dk; c += 16) {
-#pragma GCC unroll 16
-            for (int i = 0; i < 16; ++i)
-                acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[c + i]), _mm512_loadu_ps(col + (c + i) * ldk), acc[i]);
-        }
-        _mm512_storeu_ps(s + b, _mm512_mul_ps(halve16(acc), vscale));
-    }
-}
-
-// Decode scores of nh query heads of one KV group (head j: q + j * dk, scores at
-// s + j * ls, indexed pos - lo) against cache rows lo..hi, in ggml_vec_dot_f16's order: four
-// 16-lane accumulators fed round-robin, folded (0+2)+(1+3), lanes halved, leftovers (dk % 64)
-// summed in double. Each key row is read once for the whole group (GQA): at long contexts the
-// rows come from DRAM, and a pass per head would read them nh times.
-void scores_vec16(const float* q, int nh, const uint16_t* kc, int64_t ks, const uint16_t* vc, int64_t vs,
-                  int64_t dv, int64_t lo, int64_t hi, int64_t dk, float scale, float* s, int64_t ls) {
-    const int64_t body = dk - dk % 64;
-    for (int64_t pos = lo; pos <= hi; ++pos) {
-        const uint16_t* k = kc + pos * ks;
-        // Strided rows (other heads between them): fetch the key row a few positions ahead,
-        // and this position's value row into L2 for the P.V pass.
-        const char* kn = reinterpret_cast<const char*>(k + 8 * ks);
-        for (int64_t o = 0; o < dk * 2; o += 64) _mm_prefetch(kn + o, _MM_HINT_T0);
-        const char* vn = reinterpret_cast<const char*>(vc + pos * vs);
-        for (int64_t o = 0; o < dv * 2; o += 64) _mm_prefetch(vn + o, _MM_HINT_T1);
-        for (int j = 0; j < nh; ++j) {
-            const float* qj = q + j * dk;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t c = 0; c < body; c += 64) {
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qj + c), load_f16x16(k + c), a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qj + c + 16), load_f16x16(k + c + 16), a1);
-                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qj + c + 32), load_f16x16(k + c + 32), a2);
-                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qj + c + 48), load_f16x16(k + c + 48), a3);
-            }
-            double total = hsum16(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
-            for (int64_t c = body; c < dk; ++c) {
-                const float p = qj[c] * fp16_to_f32(k[c]);
-                total += static_cast<double>(p);
-            }
-            s[j * ls + pos - lo] = static_cast<float>(total) * scale;
-        }
-    }
-}
-
-// Lanes of the 16-position chunk starting at position p0 that lie in [lo, hi].
-inline __mmask16 chunk_mask(int64_t p0, int64_t lo, int64_t hi) {
-    const int64_t a = std::max<int64_t>(lo - p0, 0), b = std::min<int64_t>(hi - p0, 15);
-    if (b < a) return 0;
-    return static_cast<__mmask16>((0xFFFFu >> (15 - b)) & (0xFFFFu << a));
-}
-
-// ggml_soft_max over positions lo..hi whose scores are at s[pos - base], base = lo - lo % 16:
-// v_expf, sum of 16-lane chunks aligned on position 0 (halving) into a double, times
-// float(1/sum), rounded to f16. Lanes of the touched chunks outside [lo, hi] become 0.
-void softmax16(float* s, int64_t base, int64_t lo, int64_t hi) {
-    const int64_t nch = (hi - base) / 16 + 1;
-    __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t c = 0; c < nch; ++c)
-        mv = _mm512_mask_max_ps(mv, chunk_mask(base + 16 * c, lo, hi), mv, _mm512_loadu_ps(s + 16 * c));
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-    double total = 0.0;
-    for (int64_t c = 0; c < nch; ++c) {
-        const __mmask16 k = chunk_mask(base + 16 * c, lo, hi);
-        const __m512 e = _mm512_maskz_mov_ps(k, v_expf16(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * c), m)));
-        _mm512_storeu_ps(s + 16 * c, e);
-        total += static_cast<double>(hsum16(e));
-    }
-    const __m512 inv = _mm512_set1_ps(static_cast<float>(1.0 / total));
-    for (int64_t c = 0; c < nch; ++c) {
-        const __m512 p = _mm512_mul_ps(_mm512_loadu_ps(s + 16 * c), inv);
-        _mm512_storeu_ps(s + 16 * c, _mm512_cvtph_ps(_mm512_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT)));
-    }
-}
-
-// Batched P.V in tinyBLAS's order: one 16-lane accumulator per output, lane = pos % 16, so
-// out[d] = halving sum over r of acc_r[d], acc_r[d] += prob(pos) * V[pos][d] over the positions
-// pos = r (mod 16) in order. 16 output columns at a time with the 16 lane accumulators in
-// registers, walking aligned groups of 16 positions. prob indexed pos - base.
-void pv16(const float* prob, int64_t base, const uint16_t* vc, int64_t vs, int64_t lo, int64_t hi,
-          int64_t dv, float* out) {
-    for (int64_t d0 = 0; d0 < dv; d0 += 16) {
-        __m512 acc[16];
-        for (auto& a : acc) a = _mm512_setzero_ps();
-        const uint16_t* v = vc + d0;
-        for (int64_t g = lo - lo % 16; g <= hi; g += 16) {
-            if (g >= lo && g + 15 <= hi) {
-#pragma GCC unroll 16
-                for (int r = 0; r < 16; ++r)
-                    acc[r] = _mm512_fmadd_ps(load_f16x16(v + (g + r) * vs), _mm512_set1_ps(prob[g + r - base]), acc[r]);
-            } else {
-#pragma GCC unroll 16
-                for (int r = 0; r < 16; ++r) {
-                    const int64_t pos = g + r;
-                    if (pos >= lo && pos <= hi)
-                        acc[r] = _mm512_fmadd_ps(load_f16x16(v + pos * vs), _mm512_set1_ps(prob[pos - base]), acc[r]);
-                }
-            }
-        }
-        _mm512_storeu_ps(out + d0, halve16(acc));
-    }
-}
-
-// Decode P.V of nh heads of one KV group in ggml_vec_dot_f16's order (accumulator
-// (pos % 64) / 16, lane pos % 16): head j's probabilities at prob + j * ls (index pos - base),
-// output at out + j * dv. The positions are walked in order, each value row read once for the
-// group; the 64 lane accumulators of each head live in acc [nh][64][dv] (rows that no
-// position touched count as zeros).
-void pv_vec16(const float* prob, int nh, int64_t ls, int64_t base, const uint16_t* vc, int64_t vs,
-              int64_t lo, int64_t hi, int64_t dv, float* acc, float* out) {
-    uint64_t touched = 0;
-    for (int64_t pos = lo; pos <= hi && pos < lo + 64; ++pos) {
-        touched |= uint64_t{1} << (pos % 64);
-        for (int j = 0; j < nh; ++j) {
-            float* a = acc + (j * 64 + pos % 64) * dv;
-            std::fill(a, a + dv, 0.0f);
-        }
-    }
-    for (int64_t pos = lo; pos <= hi; ++pos) {
-        const uint16_t* v = vc + pos * vs;
-        for (int j = 0; j < nh; ++j) {
-            float* a = acc + (j * 64 + pos % 64) * dv;
-            const __m512 p = _mm512_set1_ps(prob[j * ls + pos - base]);
-            for (int64_t d = 0; d < dv; d += 16)
-                _mm512_storeu_ps(a + d, _mm512_fmadd_ps(load_f16x16(v + d), p, _mm512_loadu_ps(a + d)));
-        }
-    }
-    for (int j = 0; j < nh; ++j) {
-        const float* aj = acc + j * 64 * dv;
-        for (int64_t d = 0; d < dv; d += 16) {
-            __m512 t[16];
-            auto row = [&](int r) {
-                return (touched >> r) & 1 ? _mm512_loadu_ps(aj + r * dv + d) : _mm512_setzero_ps();
-            };
-            for (int i = 0; i < 16; ++i)
-                t[i] = _mm512_add_ps(_mm512_add_ps(row(i), row(32 + i)), _mm512_add_ps(row(16 + i), row(48 + i)));
-            _mm512_storeu_ps(out + j * dv + d, halve16(t));
-        }
-    }
-}
-#endif  // __AVX512F__
 
 // ---- activations quantized for one weight format, in panels of P rows ----------------------
 
@@ -719,10 +322,10 @@ inline void run_mat(const Mat& m, const ActSet& a, float* out, const MatItem& it
 // ffn_norm output in up to two (gate, up), and the GLU output.
 enum ActIdx { A_XN0 = 0, A_O = 3, A_H0 = 4, A_H1 = 5, A_ACT = 6, kNumActs = 7 };
 
-// A thread's own scratch: attention work space; in decode steps its copies of the row-wise
+// A thread's own scratch: in decode steps its copies of the row-wise
 // results (xn, x + attention, h: [n][dim]; tmp: [dim]) and of the quantized activations.
 struct ThreadScratch {
-    Buf<float> att, xn, xp, h, tmp;
+    Buf<float> xn, xp, h, tmp;
     ActSet acts[kNumActs];
 };
 
@@ -732,8 +335,9 @@ struct ThreadScratch {
 // forward calls of different blocks from different Python threads take turns.
 struct Workspace {
     std::mutex mu;
-    Buf<float> xn, q, k, v, o, att, h, g, u, a, f, kt;
+    Buf<float> xn, q, k, v, o, att, h, g, u, a, f;
     ActSet acts[kNumActs];  // batches: shared by the team
+    Attention attn;
     std::vector<MatItem> qkv_items, o_items, gu_items, d_items;
     std::vector<std::unique_ptr<ThreadScratch>> threads;
 };
@@ -768,7 +372,6 @@ class Block {
     int64_t dim_ = 0, H_ = 0, KV_ = 0, dk_ = 0, dv_ = 0, ffn_ = 0, rope_dim_ = 0, window_ = 0, n_ctx_ = 0;
     float eps_ = 0, scale_ = 0, q_scale_ = 1;  // scores * scale_; Q * q_scale_ after rope
     bool neox_ = false, gelu_ = false;
-    int lanes_ = 8;
     // weights (views of the caller's arrays, kept alive by keep_)
     Mat wq_, wk_, wv_, wo_, wg_, wu_, wd_;
     const float *attn_norm_ = nullptr, *ffn_norm_ = nullptr, *q_norm_ = nullptr, *k_norm_ = nullptr,
@@ -904,7 +507,6 @@ Block::Block(const py::dict& cfg, const py::dict& weights, int64_t n_ctx) {
     post_attn_norm_ = get_norm(weights, "post_attention_norm", dim_, false, keep_);
     post_ffw_norm_ = get_norm(weights, "post_ffw_norm", dim_, false, keep_);
 
-    lanes_ = simd_lanes();
     rope_ = rope_dim_ > 0 ? rope_table(rope_base, rope_dim_, rope_scale, n_ctx) : nullptr;
     if (gelu_) gelu_table_ = gelu_table();
     const size_t kn = static_cast<size_t>(n_ctx * KV_ * dk_), vn = static_cast<size_t>(n_ctx * KV_ * dv_);
@@ -954,21 +556,12 @@ void Block::forward(const py::object& xo, int64_t pos0, const py::object& n_thre
 
 void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
     const bool simd = !force_scalar();
-    const int L = lanes_;
-#if defined(__AVX512F__)
-    const bool fast = simd && L == 16 && dk_ % 16 == 0 && dv_ % 16 == 0;
-#else
-    const bool fast = false;
-#endif
-    const bool batched = n > 1;
     // Decode steps (n <= MAX_NA): every thread does the row-wise work (norms, residual,
     // activation quantization) itself, into its own buffers, so the team meets only after the
     // matmuls and the attention (6 barriers a block instead of 11); x is written once, at the end.
     const bool decode = n <= MAX_NA;
     const int64_t H = H_, KV = KV_, dk = dk_, dv = dv_, dim = dim_, ffn = ffn_, group = H_ / KV_;
     const int64_t kvk = KV * dk, kvv = KV * dv;
-    const int64_t kstart = window_ > 0 ? std::max<int64_t>(0, pos0 - window_ + 1) : 0;
-    const int64_t T = pos0 + n - kstart;  // cache rows any query of this step may read
     const float eps = eps_;
     Workspace& ws = *ws_;
 
@@ -1005,27 +598,11 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
         acts[A_ACT].layout(act_kind_for(wd_.type), ac, n, ffn, P);
     };
 
-    // Attention work. Batches: (head, block of QB query rows), the latest rows (most keys)
-    // first so that the dynamic schedule ends balanced. One row: (KV group, some of its heads),
-    // the group cut into as few parts as give every thread work, so that each part streams the
-    // group's cache rows once (GQA; at long contexts they come from DRAM).
-    const int64_t QB = 16;
-    const int64_t n_qb = batched ? (n + QB - 1) / QB : 1;
-    const int64_t parts = std::min<int64_t>(group, std::max<int64_t>(1, (nt + KV - 1) / KV));
-    const int64_t hpp = (group + parts - 1) / parts;  // heads per part
-    const int64_t n_att = batched ? H * n_qb : KV * parts;
-    const bool use_kt = fast && batched;
-    const int64_t ldk = round_up(T, 16) + 16;  // transposed keys [KV][dk][ldk], padded for 16-key loads
-    float* kt = use_kt ? ws.kt.get(KV * dk * ldk) : nullptr;
-    const int64_t n_ktb = (T + 63) / 64;
-    const int64_t s_len = round_up(T + 64, 16);  // scores of one row, 16-aligned, with slack
+    ws.attn.plan(AttnShape{H, KV, dk, dv, window_, scale_}, n, pos0, nt, simd);
 
     while (static_cast<int>(ws.threads.size()) < nt) ws.threads.push_back(std::make_unique<ThreadScratch>());
     for (int t = 0; t < nt; ++t) {
         ThreadScratch& me = *ws.threads[t];
-        // scores [hpp][s_len] and accumulators [hpp][64][dv] (batches and the portable path
-        // use [s_len] and [4 L][dv]), then a row of max(dk, dv)
-        me.att.get(static_cast<size_t>(hpp * (s_len + 64 * dv) + 4 * L * dv + std::max(dk, dv) + 64));
         if (decode) {
             me.xp.get(n * dim);
             me.tmp.get(dim);
@@ -1055,7 +632,7 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
 
     const RopeTable* rope = rope_.get();
     const int64_t half = rope ? rope->half : 0;
-    const int64_t simd_end = ffn - ffn % 16;
+    const int64_t simd_end = ffn - ffn % float_lanes();
 
     // Heads [r0 / hd, r1 / hd) of the Q/K/V rows an item just computed, for its panel's rows:
     // Q: q_norm, rope, f16 rounding; K: k_norm, rope, into the f16 cache; V: into its cache.
@@ -1091,7 +668,6 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
 #pragma omp parallel num_threads(nt)
     {
         ThreadScratch& me = *ws.threads[omp_get_thread_num()];
-        float* ts = me.att.get(0);
         const ActSet* acts = decode ? me.acts : ws.acts;
         float* xn = decode ? me.xn.get(0) : xn_sh;
         float* h = decode ? me.h.get(0) : h_sh;
@@ -1119,69 +695,8 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
             run_mat(*j.m, acts[j.acts], j.out, qkv_it[i]);
             post_heads(j, qkv_it[i]);
         }
-        // 3. Batches: keys kstart.. as float, transposed (kt[g][d][pos - kstart]), once per step.
-        if (use_kt) {
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < KV * n_ktb; ++i) {
-                const int64_t g = i / n_ktb, t0 = (i % n_ktb) * 64, t1 = std::min(T, t0 + 64);
-                float* ktg = kt + g * dk * ldk;
-                float* row = ts + s_len + 4 * L * dv;  // [max(dk, dv)]
-                for (int64_t t = t0; t < t1; ++t) {
-                    from_f16_row(kc + (kstart + t) * kvk + g * dk, row, dk);
-                    for (int64_t d = 0; d < dk; ++d) ktg[d * ldk + t] = row[d];
-                }
-                if (t1 == T)  // zero the padding columns the 16-key loads may read
-                    for (int64_t d = 0; d < dk; ++d) std::fill(ktg + d * ldk + T, ktg + (d + 1) * ldk, 0.0f);
-            }
-        }
-        // 4. Attention: o = softmax(q16 . K^T * scale + mask) . V per (query row, head).
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < n_att; ++i) {
-            int64_t h0, h1, t0, t1;
-            if (batched) {
-                h0 = i % H, h1 = h0 + 1;
-                t0 = (n_qb - 1 - i / H) * QB, t1 = std::min(n, t0 + QB);
-            } else {
-                const int64_t g = i / parts, part = i % parts;
-                h0 = g * group + part * hpp, h1 = std::min(g * group + group, h0 + hpp);
-                t0 = 0, t1 = 1;
-            }
-            const int64_t g = h0 / group;
-            const uint16_t* kcg = kc + g * dk;
-            const uint16_t* vcg = vc + g * dv;
-            for (int64_t t = t0; t < t1; ++t) {
-                const int64_t p = pos0 + t;
-                const int64_t lo = window_ > 0 ? std::max(kstart, p - window_ + 1) : kstart;
-#if defined(__AVX512F__)
-                if (fast) {
-                    const int64_t base = lo - lo % 16;  // scores at s[pos - base]
-                    const int nh = static_cast<int>(h1 - h0);
-                    const float* qh = q + (t * H + h0) * dk;
-                    float* out = o + (t * H + h0) * dv;
-                    if (batched) {
-                        scores_tiny16(qh, kt + g * dk * ldk, ldk, lo - kstart, p + 1 - lo, dk, scale_, ts + (lo - base));
-                        softmax16(ts, base, lo, p);
-                        pv16(ts, base, vcg, kvv, lo, p, dv, out);
-                    } else {
-                        scores_vec16(qh, nh, kcg, kvk, vcg, kvv, dv, lo, p, dk, scale_, ts + (lo - base), s_len);
-                        for (int j = 0; j < nh; ++j) softmax16(ts + j * s_len, base, lo, p);
-                        pv_vec16(ts, nh, s_len, base, vcg, kvv, lo, p, dv, ts + nh * s_len, out);
-                    }
-                    continue;
-                }
-#endif
-                float* acc = ts + s_len;
-                float* row = acc + 4 * L * dv;
-                for (int64_t hh = h0; hh < h1; ++hh) {
-                    const float* qh = q + (t * H + hh) * dk;
-                    float* out = o + (t * H + hh) * dv;
-                    if (L == 16)
-                        attend_generic<16>(qh, kcg, kvk, vcg, kvv, lo, p, dk, dv, scale_, batched, ts, acc, row, out);
-                    else
-                        attend_generic<8>(qh, kcg, kvk, vcg, kvv, lo, p, dk, dv, scale_, batched, ts, acc, row, out);
-                }
-            }
-        }
+        // 3-4. o = softmax(q16 . K^T * scale + causal/window mask) . V (attention.cpp)
+        ws.attn.run(q, kc, vc, o);
         // 5-6. att = o @ Wo.T
         if (decode) {
             for (int64_t r = 0; r < n; ++r) acts[A_O].quantize_row(r);

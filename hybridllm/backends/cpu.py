@@ -10,6 +10,10 @@ cached as float16, Q is rounded to float16 before Q·K (ggml converts the f32 op
 matmul to f16), the softmax uses ggml's vectorised expf and summation order, its probabilities
 are rounded to float16 before P·V, both dot products accumulate in ggml's lane order, rope uses
 libm's cosf/sinf and an FMA, SiLU uses ggml_v_expf and GELU ggml's float16 table.
+
+The lane count L of those orders (SIMD_LANES: 16 for AVX-512, 8 for AVX2) is passed to the
+compiled functions as an argument or an array shape, never read as a global inside them: Numba's
+on-disk cache freezes globals, and the same cache serves a native and an AVX2 core.
 """
 
 from __future__ import annotations
@@ -136,14 +140,16 @@ class CpuBackend:
         # cache rows converted to float32 once per call, keys transposed so that the scores of
         # many keys vectorize; llama.cpp uses tinyBLAS for 2+ rows, ggml_vec_dot_f16 for one
         kt, vals = _attention_operands(k_cache, v_cache, start, pos0 + n, dk)
-        _attention_ggml(q16, kt, vals, pos0, start, window, np.float32(scale), n > 1, out)
+        _attention_ggml(
+            q16, kt, vals, pos0, start, window, np.float32(scale), n > 1, SIMD_LANES, out
+        )
         return out.reshape(n, -1)
 
     def glu(self, gate: np.ndarray, up: np.ndarray, activation: str) -> np.ndarray:
         """act(gate) * up for gate, up (n, ffn_dim) -> new (n, ffn_dim)."""
         out = np.empty_like(gate)
         if activation == "silu":
-            _swiglu(gate, up, out)
+            _swiglu(gate, up, out, SIMD_LANES)
         elif activation == "gelu_tanh":
             _geglu(gate, up, _gelu_f16_table(), out)
         else:
@@ -233,15 +239,15 @@ def _rms_norm(x, w, eps, out):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True)
-def _swiglu(gate, up, out):  # pragma: no cover - compiled
+def _swiglu(gate, up, out, lanes):  # pragma: no cover - compiled
     # ggml_vec_swiglu_f32: SIMD lanes use ggml_v_silu (x / (1 + ggml_v_expf(-x))), the tail
-    # that does not fill a 16-lane vector uses libm's expf.
+    # that does not fill an L-lane vector uses libm's expf.
     m, k = gate.shape
-    simd = k - k % 16
+    simd = k - k % lanes
     for i in range(m):
         for j in range(k):
             x = gate[i, j]
-            e = _v_expf(np.float32(0.0) - x) if j < simd else np.float32(math.exp(-x))
+            e = _v_expf(np.float32(0.0) - x, lanes == 8) if j < simd else np.float32(math.exp(-x))
             out[i, j] = (x / (np.float32(1.0) + e)) * up[i, j]
 
 
@@ -249,7 +255,6 @@ def _swiglu(gate, up, out):  # pragma: no cover - compiled
 _LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
 _LN2_HI = np.float32(float.fromhex("0x1.62e4p-1"))
 _LN2_LO = np.float32(float.fromhex("0x1.7f7d1cp-20"))
-_POW2 = np.ldexp(np.float32(1.0), np.arange(-126, 127)).astype(np.float32)  # 2**-126 .. 2**126
 _EXP_C = tuple(
     np.float32(float.fromhex(h))
     for h in ("0x1.0e4020p-7", "0x1.573e2ep-5", "0x1.555e66p-3", "0x1.fffdb6p-2", "0x1.ffffecp-1")
@@ -257,18 +262,33 @@ _EXP_C = tuple(
 
 
 @numba.njit(cache=True, inline="always")
-def _v_expf(x):  # pragma: no cover - compiled
-    """ggml_v_expf for one lane, bit for bit (same FMAs, same polynomial); |x| < ~87 assumed."""
+def _v_expf(x, avx2):  # pragma: no cover - compiled
+    """ggml_v_expf for one lane, bit for bit: its AVX2 variant if avx2, else its AVX-512 one.
+
+    Both share the reduction and the polynomial's first terms; AVX-512 adds the 1 inside the
+    polynomial and scales by 2^n exactly (scalef), AVX2 leaves the 1 out and rounds once in
+    fma(j, 2^n, 2^n), rescaling in two steps (s2, then s1) when 126 < |n| <= 192.
+    """
     shift = np.float32(12582912.0)  # 0x1.8p23: adding it rounds to an integer
     z = _fma(x, _LOG2E, shift)
     n = z - shift
     b = _fma(-n, _LN2_LO, _fma(-n, _LN2_HI, x))
     u = b * b
     c0, c1, c2, c3, c4 = _EXP_C
-    j = _fma(_fma(_fma(c0, b, c1), u, _fma(c2, b, c3)), u, _fma(c4, b, np.float32(1.0)))
-    if abs(n) > np.float32(126.0):  # outside the fast path: overflow or underflow
-        return np.float32(0.0) if n < 0 else np.float32(np.inf)
-    return j * _POW2[np.int32(n) + 126]  # an exact power of two, like _mm512_scalef_ps
+    if abs(n) > np.float32(192.0):
+        return np.float32(0.0) if n <= 0 else np.float32(np.inf)
+    if not avx2:
+        j = _fma(_fma(_fma(c0, b, c1), u, _fma(c2, b, c3)), u, _fma(c4, b, np.float32(1.0)))
+        return np.float32(np.float64(j) * math.ldexp(1.0, int(n)))  # j * 2^n rounded once
+    j = _fma(_fma(_fma(c0, b, c1), u, _fma(c2, b, c3)), u, c4 * b)
+    if abs(n) <= np.float32(126.0):
+        k = np.float32(math.ldexp(1.0, int(n)))
+        return _fma(j, k, k)
+    if n <= 0:
+        s1, s2 = np.float32(math.ldexp(1.0, -125)), np.float32(math.ldexp(1.0, int(n) + 125))
+    else:
+        s1, s2 = np.float32(math.ldexp(1.0, 127)), np.float32(math.ldexp(1.0, int(n) - 127))
+    return _fma(s2, j, s2) * s1
 
 
 @lru_cache(maxsize=1)
@@ -396,7 +416,7 @@ def _reduce_lanes(acc, n):  # pragma: no cover - compiled
     Halving (_mm512_reduce_add_ps, tinyBLAS's hsum, AVX2's hsum_float_8) for every path but
     AVX2's GGML_F32x8_REDUCE, which the caller handles with `hadd=True` via _reduce_vec.
     """
-    width = SIMD_LANES
+    width = acc.shape[0]
     while width > 1:
         width //= 2
         for i in range(width):
@@ -407,10 +427,10 @@ def _reduce_lanes(acc, n):  # pragma: no cover - compiled
 @numba.njit(cache=True, inline="always")
 def _reduce_vec(acc4, n):  # pragma: no cover - compiled
     """ggml_vec_dot_f16's reduction of its four accumulators (4, L, n) into acc4[0, 0, :n]."""
-    for i in range(SIMD_LANES):
+    for i in range(acc4.shape[1]):
         for b in range(n):
             acc4[0, i, b] = (acc4[0, i, b] + acc4[2, i, b]) + (acc4[1, i, b] + acc4[3, i, b])
-    if SIMD_LANES == 16:
+    if acc4.shape[1] == 16:
         _reduce_lanes(acc4[0], n)
         return
     for b in range(n):  # AVX2: 128-bit halves added, then two horizontal adds
@@ -424,17 +444,17 @@ def _reduce_vec(acc4, n):  # pragma: no cover - compiled
 @numba.njit(cache=True)
 def _scores(q, kt, first, n_keys, scale, batched, acc4, s):  # pragma: no cover - compiled
     """s[j] = (q . key j) * scale for keys first..first+n_keys-1 of kt (dk, T), keys transposed."""
-    dk = q.shape[0]
-    step = 4 * SIMD_LANES
-    tiny = batched and dk % SIMD_LANES == 0
+    dk, lanes = q.shape[0], acc4.shape[1]
+    step = 4 * lanes
+    tiny = batched and dk % lanes == 0
     body = dk if tiny else dk - dk % step
     for b0 in range(0, n_keys, _KEY_BLOCK):
         nb = min(_KEY_BLOCK, n_keys - b0)
         col = first + b0
         acc4[:, :, :nb] = 0.0
-        for c in range(0, body, SIMD_LANES):
-            a = 0 if tiny else (c % step) // SIMD_LANES  # vec_dot: four accumulators, round-robin
-            for i in range(SIMD_LANES):
+        for c in range(0, body, lanes):
+            a = 0 if tiny else (c % step) // lanes  # vec_dot: four accumulators, round-robin
+            for i in range(lanes):
                 qi, row = q[c + i], kt[c + i]
                 for b in range(nb):
                     acc4[a, i, b] = _fma(qi, row[col + b], acc4[a, i, b])
@@ -457,17 +477,18 @@ def _softmax_ggml(s, lo, chunks):  # pragma: no cover - compiled
     each reduced by halving, into a double; the row is then scaled by float(1/sum).
     chunks: scratch (L, >= len/L + 2).
     """
+    lanes = chunks.shape[0]
     m = np.float32(-np.inf)
     for j in range(s.shape[0]):
         m = max(m, s[j])
     for j in range(s.shape[0]):
-        s[j] = _v_expf(np.float32(s[j] - m))
-    first = lo - lo % SIMD_LANES
-    n_chunks = (lo + s.shape[0] - first + SIMD_LANES - 1) // SIMD_LANES
+        s[j] = _v_expf(np.float32(s[j] - m), lanes == 8)
+    first = lo - lo % lanes
+    n_chunks = (lo + s.shape[0] - first + lanes - 1) // lanes
     chunks[:, :n_chunks] = 0.0
     for j in range(s.shape[0]):
         pos = lo + j - first
-        chunks[pos % SIMD_LANES, pos // SIMD_LANES] = s[j]
+        chunks[pos % lanes, pos // lanes] = s[j]
     _reduce_lanes(chunks, n_chunks)
     total = 0.0
     for c in range(n_chunks):
@@ -481,12 +502,13 @@ def _softmax_ggml(s, lo, chunks):  # pragma: no cover - compiled
 @numba.njit(cache=True)
 def _weighted_values(probs, lo, vals, first, batched, acc4, out):  # pragma: no cover - compiled
     """out[d] = sum_j probs[j] * vals[first + j, d] in ggml's order; lanes by position lo + j."""
-    dv, step = out.shape[0], 4 * SIMD_LANES
+    lanes = acc4.shape[1]
+    dv, step = out.shape[0], 4 * lanes
     acc4[:, :, :dv] = 0.0
     for j in range(probs.shape[0]):
         pos = lo + j
-        a = 0 if batched else (pos % step) // SIMD_LANES
-        lane, pj, row = pos % SIMD_LANES, probs[j], vals[first + j]
+        a = 0 if batched else (pos % step) // lanes
+        lane, pj, row = pos % lanes, probs[j], vals[first + j]
         for d in range(dv):
             acc4[a, lane, d] = _fma(row[d], pj, acc4[a, lane, d])
     if batched:
@@ -497,8 +519,10 @@ def _weighted_values(probs, lo, vals, first, batched, acc4, out):  # pragma: no 
 
 
 @numba.njit(cache=True, parallel=True)
-def _attention_ggml(q, kt, vals, pos0, start, window, scale, batched, out):  # pragma: no cover
-    """Causal (windowed) GQA attention with ggml's exact arithmetic.
+def _attention_ggml(
+    q, kt, vals, pos0, start, window, scale, batched, lanes, out
+):  # pragma: no cover
+    """Causal (windowed) GQA attention with ggml's exact arithmetic, L = lanes.
 
     q (n, n_heads, dk) f16-rounded; kt (n_kv, dk, T) keys transposed and vals (n_kv, T, dv),
     float32 cache rows of positions start..start+T-1; out (n, n_heads, dv). One task per head.
@@ -508,8 +532,8 @@ def _attention_ggml(q, kt, vals, pos0, start, window, scale, batched, out):  # p
     group = n_heads // kt.shape[0]
     for h in numba.prange(n_heads):
         g = h // group
-        acc4 = np.empty((4, SIMD_LANES, max(_KEY_BLOCK, dv)), np.float32)
-        chunks = np.empty((SIMD_LANES, n_keys // SIMD_LANES + 2), np.float32)
+        acc4 = np.empty((4, lanes, max(_KEY_BLOCK, dv)), np.float32)
+        chunks = np.empty((lanes, n_keys // lanes + 2), np.float32)
         scores = np.empty(n_keys, np.float32)
         for t in range(n):
             p = pos0 + t
