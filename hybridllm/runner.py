@@ -26,10 +26,11 @@ from . import kernels
 from .backends.cpu import CpuBackend
 from .backends.gpu_probe import GpuStatus, probe
 from .catalog import resolve_model
-from .errors import ConfigError, DeviceError
+from .errors import ConfigError, ContextLengthWarning, DeviceError, context_length_note
 from .generate import Context, GenerationStats, generate_text, generate_tokens
 from .gguf_file import ModelFile
 from .model import Model, core_block_class
+from .options import check, check_optional
 from .placement import DEFAULT_MARGIN, ModelSizes, Plan, parse_size, plan
 from .sampling import Sampler
 from .tokenizer import Tokenizer
@@ -38,7 +39,7 @@ from .tokenizer import Tokenizer
 PERPLEXITY_N_CTX = 512
 #: Keyword options of generate/chat beyond the common sampling arguments.
 _OPTIONS = frozenset(
-    {"repeat_last_n", "presence_penalty", "frequency_penalty", "context_shift", "ignore_eos"}
+    {"repeat_last_n", "presence_penalty", "frequency_penalty", "context_shift", "ignore_eos", "n_keep"}
 )
 
 
@@ -63,15 +64,21 @@ class Runner:
         (default 1 GiB); head_on_gpu moves the output head and final norm to the GPU when every
         block is there; progress(done, total) is called as the blocks load."""
         t0 = time.perf_counter()
+        n_ctx, n_threads = check("n_ctx", n_ctx), check_optional("n_threads", n_threads)
+        placement = _Placement(
+            _gpu_layers(n_gpu_layers), _size(gpu_mem, "gpu_mem"), _size(gpu_margin, "gpu_margin"),
+            head_on_gpu,
+        )
+        seed = _seed(seed)
         self.path = _resolve(model)
         self.model_file = ModelFile(self.path)
         self.config = self.model_file.config
         self.tokenizer = Tokenizer.from_gguf(self.model_file.reader)
-        self.n_ctx = int(n_ctx) if n_ctx and int(n_ctx) > 0 else self.config.context_length
-        self.n_threads = int(n_threads) if n_threads else kernels.default_threads()
-        placement = _Placement(
-            n_gpu_layers, _size(gpu_mem, "gpu_mem"), _size(gpu_margin, "gpu_margin"), head_on_gpu
-        )
+        self.n_ctx = int(n_ctx) or self.config.context_length
+        if self.n_ctx > self.config.context_length:
+            message = context_length_note(self.n_ctx, self.config.context_length)
+            warnings.warn(message, ContextLengthWarning, stacklevel=2)
+        self.n_threads = int(n_threads or kernels.default_threads())
         self.model, self.plan, self.gpu_label = self._load_model(placement, progress)
         self.n_gpu_layers = self.plan.n_gpu_layers
         self.context = Context(self.model)
@@ -172,13 +179,13 @@ class Runner:
         """
         n_ctx = int(n_ctx or min(PERPLEXITY_N_CTX, self.n_ctx))
         if not 2 <= n_ctx <= self.n_ctx:
-            raise ValueError(
-                f"perplexity n_ctx={n_ctx} must be between 2 and the Runner's n_ctx ({self.n_ctx})"
+            raise ConfigError(
+                f"perplexity n_ctx={n_ctx}: expected an integer from 2 to the Runner's n_ctx ({self.n_ctx})"
             )
         tokens = self.tokenize(text, add_bos=True)
         n_chunks = len(tokens) // n_ctx
         if n_chunks == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the text has {len(tokens)} tokens; perplexity with n_ctx={n_ctx} needs at least {n_ctx}"
             )
         first, nll, count = n_ctx // 2, 0.0, 0
@@ -209,8 +216,10 @@ class Runner:
     ) -> str | Iterator[str]:
         """Complete prompt (special tokens in it are parsed, as llama-cpp-python does).
 
-        options: repeat_last_n (64), presence_penalty, frequency_penalty (0.0),
-        context_shift (False), ignore_eos (False). Returns the text, or an iterator of text
+        options: repeat_last_n (64; 0 = off, -1 = the whole context), presence_penalty,
+        frequency_penalty (0.0, -2..2), context_shift (False: a full context raises
+        ContextFullError), n_keep (tokens a context shift keeps at the start), ignore_eos (False).
+        max_tokens None or -1: until the model stops. Returns the text, or an iterator of text
         pieces with stream=True. Timing of the call lands in `last_stats`.
         """
         ids = self.tokenize(prompt, add_bos=True, special=True) or self._bos()
@@ -237,17 +246,23 @@ class Runner:
 
         The KV cache keeps the tokens of earlier turns, so only the new tokens are evaluated.
         """
-        from .chat import render_chat  # jinja2 is loaded only by those who chat
-
-        text = render_chat(self.model_file, list(messages), add_generation_prompt=True)
-        bos = self.tokenizer.bos_id
-        # The template may write the BOS text itself (gemma's "{{ bos_token }}"): add it once.
-        has_bos = bos is not None and text.startswith(self.tokenizer.token_text(bos))
-        ids = self.tokenize(text, add_bos=not has_bos, special=True) or self._bos()
+        ids = self.chat_tokens(messages) or self._bos()
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
         return self._complete(
             ids, max_tokens, sampling, repeat_penalty, seed, stop, stream, options
         )
+
+    def chat_tokens(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """The token ids `chat` evaluates for a conversation (its length against n_ctx)."""
+        from .chat import render_chat  # jinja2 is loaded only by those who chat
+
+        text = render_chat(self.model_file, list(messages), add_generation_prompt)
+        bos = self.tokenizer.bos_id
+        # The template may write the BOS text itself (gemma's "{{ bos_token }}"): add it once.
+        has_bos = bos is not None and text.startswith(self.tokenizer.token_text(bos))
+        return self.tokenize(text, add_bos=not has_bos, special=True)
 
     def _complete(
         self,
@@ -260,10 +275,11 @@ class Runner:
         stream: bool,
         options: dict[str, Any],
     ) -> str | Iterator[str]:
-        known = _OPTIONS
-        unknown = set(options) - known
+        unknown = set(options) - _OPTIONS
         if unknown:
             raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        max_tokens = check_optional("max_tokens", max_tokens)
+        seed = _seed(seed)
         call_seed = seed if seed is not None else int(self._rng.integers(2**63))
         sampler = Sampler.create(
             **sampling,
@@ -279,10 +295,11 @@ class Runner:
             self.context,
             ids,
             sampler,
-            max_tokens,
+            None if max_tokens == -1 else max_tokens,
             stop_ids,
             stats,
-            options.get("context_shift", False),
+            bool(options.get("context_shift", False)),
+            n_keep=options.get("n_keep"),
         )
         pieces = generate_text(tokens, self.tokenizer, stop, stats)
         return pieces if stream else "".join(pieces)
@@ -311,6 +328,22 @@ class _Placement(NamedTuple):
     gpu_mem: int | None
     margin: int
     head_on_gpu: bool
+
+
+def _seed(seed: int | None) -> int | None:
+    """A checked seed; None and -1 mean a random one."""
+    seed = check_optional("seed", seed)
+    return None if seed == -1 else seed
+
+
+def _gpu_layers(value: int | str) -> int | str:
+    """'auto', 'all', or a checked number of blocks (-1 means all, as in llama.cpp)."""
+    if value in ("auto", "all"):
+        return value
+    if isinstance(value, str):
+        raise ConfigError(f"n_gpu_layers={value!r}: expected 'auto', 'all' or an integer >= 0")
+    n = check("n_gpu_layers", value)
+    return "all" if n == -1 else n
 
 
 def _size(value: int | str | None, name: str) -> int | None:

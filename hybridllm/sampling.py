@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .options import check
+
 #: (ids, logits) of the surviving candidates, sorted by descending logit.
 Candidates = tuple[np.ndarray, np.ndarray]
 LogitsProcessor = Callable[[np.ndarray, Sequence[int]], np.ndarray]
@@ -29,11 +31,16 @@ def make_logits_processors(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
 ) -> list[LogitsProcessor]:
-    """The penalty step of llama.cpp (`llama_sampler_init_penalties`), or [] when all are off."""
-    if repeat_penalty == 1.0 and presence_penalty == 0.0 and frequency_penalty == 0.0:
+    """The penalty step of llama.cpp (`llama_sampler_init_penalties`), or [] when all are off.
+
+    repeat_last_n: how many recent tokens count (0 turns the penalties off, -1: all of them)."""
+    repeat_penalty = check("repeat_penalty", repeat_penalty)
+    repeat_last_n = check("repeat_last_n", repeat_last_n)
+    presence_penalty = check("presence_penalty", presence_penalty)
+    frequency_penalty = check("frequency_penalty", frequency_penalty)
+    off = repeat_penalty == 1.0 and presence_penalty == 0.0 and frequency_penalty == 0.0
+    if off or repeat_last_n == 0:
         return []
-    if repeat_penalty <= 0:
-        raise ValueError(f"repeat_penalty must be > 0, got {repeat_penalty}")
 
     def penalize(logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         window = history[-repeat_last_n:] if repeat_last_n > 0 else history
@@ -93,7 +100,9 @@ def make_sampler(
     min_p: float = 0.05,
     seed: int | None = None,
 ) -> Callable[[np.ndarray], int]:
-    """logits (n_vocab,) -> token id. temperature <= 0: greedy (first max, like llama.cpp)."""
+    """logits (n_vocab,) -> token id. temperature 0: greedy (first max, like llama.cpp)."""
+    temperature, top_k = check("temperature", temperature), check("top_k", top_k)
+    top_p, min_p = check("top_p", top_p), check("min_p", min_p)
     if temperature <= 0:
         return lambda logits: int(np.argmax(logits))
     rng = np.random.default_rng(seed)

@@ -1,0 +1,33 @@
+"""Where hybridllm keeps files it writes at run time: never inside its own install folder.
+
+Numba's `cache=True` writes compiled kernels next to the source by default, i.e. into
+site-packages/hybridllm/**/__pycache__. Those files outlive an uninstall, and after a later
+editable install the leftover folder shadows the package (`No module named
+'hybridllm.backends.cpu'`). So, before numba is imported, NUMBA_CACHE_DIR points to a folder
+under the user's cache directory unless the user has set it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def user_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/hybridllm`, default `~/.cache/hybridllm`."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "hybridllm"
+
+
+def numba_cache_dir() -> Path:
+    """The folder Numba caches compiled kernels in (the user's NUMBA_CACHE_DIR wins)."""
+    return Path(os.environ.get("NUMBA_CACHE_DIR") or user_cache_dir() / "numba")
+
+
+def set_numba_cache_dir() -> None:
+    """Export NUMBA_CACHE_DIR (Numba reads it once, at import) unless the user chose one."""
+    if not os.environ.get("NUMBA_CACHE_DIR"):
+        os.environ["NUMBA_CACHE_DIR"] = str(numba_cache_dir())
+
+
+set_numba_cache_dir()
