@@ -56,6 +56,7 @@ thread_local Scratch t_scratch[kUserSlots + 1];
 struct Kernels {
     RowKernel k[MAX_NA + 1];
     MatvecKernel mv;  // MATVEC_NR rows x 1 activation row, or nullptr
+    TileKernel tile;  // TILE_NW rows x MAX_NA activation rows, or nullptr
     int64_t rb;
 };
 
@@ -63,6 +64,7 @@ Kernels kernels_for(int type, int act_kind, int64_t cols) {
     Kernels ks{};
     for (int na = 1; na <= MAX_NA; ++na) ks.k[na] = get_kernel(type, na, act_kind);
     ks.mv = get_matvec_kernel(type, act_kind);
+    ks.tile = get_tile_kernel(type, act_kind);
     TypeInfo ti{};
     type_info(type, &ti);
     ks.rb = row_bytes(ti, cols);
@@ -80,6 +82,8 @@ inline void run_tile(const Kernels& ks, const uint8_t* w, const QActs& acts, int
         int64_t r = r0;
         if (na == 1 && ks.mv != nullptr)
             for (; r + MATVEC_NR <= r1; r += MATVEC_NR) ks.mv(cols, w + r * ks.rb, acts, ag, out + ag * os + r);
+        if (na == MAX_NA && ks.tile != nullptr)
+            for (; r + TILE_NW <= r1; r += TILE_NW) ks.tile(cols, w + r * ks.rb, ks.rb, acts, ag, out + ag * os + r, os);
         for (; r < r1; ++r) k(cols, w + r * ks.rb, acts, ag, out + ag * os + r, os);
     }
 }

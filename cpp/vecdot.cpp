@@ -224,6 +224,10 @@ void quantize_acts_rows(const QActs& a, const float* x, int64_t r0, int64_t r1) 
     }
 }
 
+TileKernel get_tile_kernel(int type, int act_kind) {
+    return force_scalar() ? nullptr : get_tile_kernel_avx2(type, act_kind);
+}
+
 MatvecKernel get_matvec_kernel(int type, int act_kind) {
     return force_scalar() ? nullptr : get_matvec_kernel_avx2(type, act_kind);
 }

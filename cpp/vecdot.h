@@ -63,6 +63,19 @@ using MatvecKernel = void (*)(int64_t cols, const uint8_t* w, const QActs& a, in
 
 constexpr int MATVEC_NR = 4;
 
+// A tile kernel dots TILE_NW consecutive weight rows (w, w + rb) with MAX_NA activation rows
+// a0 ..: out[i * out_stride + r] for row r < TILE_NW, activation i < MAX_NA. The register tile of
+// batches: each activation block is loaded once for TILE_NW rows; every output keeps the
+// arithmetic of the row kernel.
+using TileKernel = void (*)(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t a0,
+                            float* out, int64_t out_stride);
+
+constexpr int TILE_NW = 2;
+
+// The SIMD tile kernel for `type` against `act_kind`, or nullptr (use the row kernels).
+TileKernel get_tile_kernel(int type, int act_kind);
+TileKernel get_tile_kernel_avx2(int type, int act_kind);
+
 // The SIMD matvec kernel for `type` against `act_kind`, or nullptr (use the row kernels).
 MatvecKernel get_matvec_kernel(int type, int act_kind);
 

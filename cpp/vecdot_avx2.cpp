@@ -229,6 +229,57 @@ void dot32(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* ou
     }
 }
 
+// TILE_NW weight rows x MAX_NA activation rows of the LANES formats (batches): each output keeps
+// dot32's arithmetic (acc8 = fma(dw * da, float(dot lanes), acc8) per block), but the activation
+// block and its bias lanes are loaded once for both weight rows and the weight block decoded once
+// for the four activation rows. Offset formats dot their unsigned codes starting from
+// -bias * (lane sums of the activations), as matvec32 does: the same exact integers.
+template <class F>
+void tile32(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t a0, float* out, int64_t os) {
+    constexpr int NW = TILE_NW, NA = MAX_NA;
+    constexpr size_t kB = F::kBytes;
+    const int64_t nb = cols / QK;
+    const int8_t* aq = a.qs + a0 * cols;
+    const float* ad = a.d + a0 * nb;
+    const float* as = a.s + a0 * nb;
+    __m256 acc[NW][NA];
+    float summs[NW][NA];
+    for (int r = 0; r < NW; ++r)
+        for (int i = 0; i < NA; ++i) {
+            acc[r][i] = _mm256_setzero_ps();
+            summs[r][i] = 0.0f;
+        }
+    for (int64_t b = 0; b < nb; ++b) {
+        __m256i u[NW];
+        __m256 dw[NW];
+#pragma GCC unroll 2
+        for (int r = 0; r < NW; ++r) {
+            const uint8_t* blk = w + r * rb + b * kB;
+            if ((b & 15) == 0) prefetch_ahead(blk, 16 * kB);
+            u[r] = F::ucodes(blk);
+            dw[r] = _mm256_set1_ps(load_f16(blk));
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < NA; ++i) {
+            const __m256i av = loadu256(aq + i * cols + b * QK);
+            __m256i lanes0 = _mm256_setzero_si256();
+            if constexpr (F::kBias != 0)
+                lanes0 = _mm256_sub_epi32(lanes0, dot_u8s8(_mm256_set1_epi8(F::kBias), av));
+            const __m256 da = _mm256_set1_ps(ad[i * nb + b]);
+#pragma GCC unroll 2
+            for (int r = 0; r < NW; ++r) {
+                const __m256i dot = dot_u8s8_acc(lanes0, u[r], av);
+                acc[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], da), _mm256_cvtepi32_ps(dot), acc[r][i]);
+                if constexpr (F::kMin)
+                    summs[r][i] = __builtin_fmaf(load_f16(w + r * rb + b * kB + 2), as[i * nb + b], summs[r][i]);
+            }
+        }
+    }
+    for (int r = 0; r < NW; ++r)
+        for (int i = 0; i < NA; ++i)
+            out[i * os + r] = F::kMin ? hsum_ps(acc[r][i]) + summs[r][i] : hsum_ps(acc[r][i]);
+}
+
 // Matvec of the 32-block formats, MATVEC_NR rows side by side: the same arithmetic as dot32
 // with fewer instructions per block. The block's f16 pair (d, m) converts in one op to [d m - -],
 // d * da is a scalar product in lane 0 of it, and the summs chain of the formats with a min runs
@@ -856,6 +907,16 @@ MatvecKernel get_matvec_kernel_avx2(int type, int kind) {
     }
 }
 
+TileKernel get_tile_kernel_avx2(int type, int kind) {
+    if (kind != act_kind_for(type)) return nullptr;
+    switch (type) {
+        case T_Q4_1: return tile32<Fmt4_1>;
+        case T_Q5_0: return tile32<Fmt5_0>;
+        case T_Q5_1: return tile32<Fmt5_1>;
+        default: return nullptr;  // Q8_0 has no unsigned codes; Q4_0's order is a scalar chain
+    }
+}
+
 RowKernel get_kernel_avx2(int type, int na, int kind) {
     static_assert(MAX_NA == 4, "instantiate the kernels for every tile height");
     switch (na) {
@@ -871,6 +932,7 @@ RowKernel get_kernel_avx2(int type, int na, int kind) {
 
 bool have_simd_kernels() { return false; }
 RowKernel get_kernel_avx2(int, int, int) { return nullptr; }
+TileKernel get_tile_kernel_avx2(int, int) { return nullptr; }
 MatvecKernel get_matvec_kernel_avx2(int, int) { return nullptr; }
 
 #endif

@@ -304,7 +304,7 @@ def _cpp_simd() -> None:
 
 # n = 9 runs llamafile's tinyBLAS in llama.cpp for Q5_0 / Q8_0, which has vec_dot's arithmetic;
 # Q6_K from 8 rows on goes through ggml's tiled matmul instead (tested below).
-@pytest.mark.parametrize("qtype,ns", [(Q.Q5_0, (1, 3, 9)), (Q.Q5_1, (1, 3)), (Q.Q4_1, (1, 2)),
+@pytest.mark.parametrize("qtype,ns", [(Q.Q5_0, (1, 3, 9)), (Q.Q5_1, (1, 3, 9)), (Q.Q4_1, (1, 2, 9)),
                                       (Q.Q8_0, (1, 9)), (Q.Q6_K, (1, 3, 7)), (Q.Q5_K, (1, 5))])  # fmt: skip
 def test_matches_ggml_vec_dot_bits(ggml, qtype: Q, ns: tuple[int, ...]) -> None:  # noqa: ANN001
     _cpp_simd()
