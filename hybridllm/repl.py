@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from .chat import ChatTemplateError
+
 HELP = """commands:
   /help          this text
   /reset         forget the conversation (keeps the system message)
@@ -52,18 +54,25 @@ class ChatSession:
 
     # --- what the model sees ------------------------------------------------------------------
     def head(self) -> list[dict[str, str]]:
-        """The messages always kept: the system message and the first exchange, when they fill
-        at most half of the prompt budget (else the system message alone, else nothing)."""
+        """The messages always kept: the system message and the first exchange when they fill
+        at most half of the prompt budget, else the system message and the first user message
+        (if the template allows two user turns in a row), else the system message, else none."""
         system = [m for m in self.messages[:1] if m["role"] == "system"]
         first = self.messages[len(system) : len(system) + 2]
-        if len(first) == 2 and first[1]["role"] == "assistant":
-            candidates = [system + first, system]
-        else:
-            candidates = [system]
+        candidates = [system + first, system + first[:1], system] if first else [system]
+        if len(first) < 2 or first[1]["role"] != "assistant":
+            candidates = [system]  # the first exchange is still in progress
         for head in candidates:
-            if not head or self._count(head, prompt=False) <= self.budget() // 2:
+            if not head or self._fits(head, self.budget() // 2):
                 return head
         return []
+
+    def _fits(self, head: list[dict[str, str]], limit: int) -> bool:
+        """Whether the head fills at most `limit` tokens and renders followed by a user turn."""
+        try:
+            return self._count([*head, {"role": "user", "content": ""}]) <= limit
+        except ChatTemplateError:  # e.g. a template that insists on alternating roles
+            return False
 
     def window(self) -> list[dict[str, str]]:
         """The messages sent to the model: the head, then the recent turns from first_recent.
