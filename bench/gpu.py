@@ -14,6 +14,8 @@ Writes, under --out (default bench/results/):
     python bench/gpu.py                       # both test models, k = 0, L/4, L/2, 3L/4, L
     python bench/gpu.py --layers all --reps 5 # every k from 0 to L
     python bench/gpu.py --simulate            # no GPU: HYBRIDLLM's simulated GPU (smoke test)
+    python bench/gpu.py --emulated --pp 40 --tg 2 --layers 0,1   # no GPU: the real CUDA backend
+                                              # on the tests' CuPy stand-in and SIMT emulator
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python")
     p.add_argument("--simulate", action="store_true", help="use the simulated GPU (CPU kernels), to test this script")
+    p.add_argument(
+        "--emulated", action="store_true",
+        help="run CudaBackend on the tests' CuPy stand-in (tests/gpu_emulator): the real kernels, very slowly",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -234,10 +240,24 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def install_emulator() -> None:
+    """Put the tests' CuPy stand-in (kernels on the SIMT emulator) in place of `cupy`: a rehearsal
+    of this script for a machine without a GPU (bench/gpu_check.py run --emulated)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from gpu_emulator import fake_cupy
+
+    fake_cupy.install()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    llama_cpp = None if args.no_llama_cpp or args.simulate else llama_cpp_cuda()
-    if not (args.no_llama_cpp or args.simulate) and llama_cpp is None:
+    if args.emulated:
+        if args.simulate:
+            raise SystemExit("--emulated and --simulate exclude each other")
+        install_emulator()
+    offline = args.no_llama_cpp or args.simulate or args.emulated
+    llama_cpp = None if offline else llama_cpp_cuda()
+    if not offline and llama_cpp is None:
         print("llama-cpp-python is missing or a CPU-only build: hybridllm numbers only", file=sys.stderr)
     from hybridllm.gguf_file import ModelFile
 
@@ -255,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += result_rows(label, "llama.cpp", device, k, n_layers, rates)
                 print(f"{label} k={k:2d} llama.cpp  " + "  ".join(f"{t} {statistics.median(r):8.1f}" for t, r in rates.items()), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"gpu{'-simulated' if args.simulate else ''}-{dt.date.today()}"
+    kind = "-simulated" if args.simulate else "-emulated" if args.emulated else ""
+    stem = args.out / f"gpu{kind}-{dt.date.today()}"
     write_csv(rows, stem.with_suffix(".csv"))
     stem.with_suffix(".md").write_text(markdown(rows, args))
     plotted = plot(rows, stem.with_suffix(".png"))

@@ -9,6 +9,7 @@ there is no GPU. These tests skip when nvcc is not on PATH.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -147,11 +148,18 @@ def nvcc() -> str:
 
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
 def test_kernels_compile(nvcc: str, arch: str, tmp_path: Path) -> None:
-    """What NVRTC will see on the GPU machine compiles here: catches syntax and type errors."""
-    cmd = [nvcc, "-std=c++17", f"-arch={arch}", "-c", str(KERNELS), "-o", str(tmp_path / "k.o")]
+    """What NVRTC will see on the GPU machine compiles here: catches syntax and type errors;
+    and ptxas (-v) spills no register of any kernel to local memory on that architecture."""
+    cmd = [nvcc, "-std=c++17", f"-arch={arch}", "-Xptxas", "-v", "-c", str(KERNELS), "-o", str(tmp_path / "k.o")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr.lower(), result.stderr
+    # ptxas prints, per kernel: "Compiling entry function 'NAME'" ... "N bytes spill stores, M bytes spill loads"
+    kernels = re.findall(r"Compiling entry function '(\w+)'", result.stderr)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
+    assert len(kernels) == len(spills) > 0, result.stderr
+    spilled = [k for k, (st, ld) in zip(kernels, spills, strict=True) if int(st) or int(ld)]
+    assert not spilled, f"{arch}: register spills in {spilled}"
 
 
 @pytest.fixture(scope="module")
