@@ -15,26 +15,40 @@ HERE = Path(__file__).parent
 
 
 class OptionalBuildExt(build_ext):
-    """build_ext that turns a failed C++ build into a warning instead of a failed install."""
+    """build_ext that turns a failed C++ build into one plain message instead of a failed install."""
+
+    said = False
 
     def run(self) -> None:
         try:
             super().run()
         except Exception as exc:  # noqa: BLE001 - any build failure means "no extension"
-            self._warn(exc)
+            self._say(exc)
 
     def build_extension(self, ext) -> None:
         try:
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
-            self._warn(exc)
+            self._say(exc)
 
-    @staticmethod
-    def _warn(exc: Exception) -> None:
-        print(
-            f"WARNING: hybridllm._core was not built ({exc}); hybridllm will use the Numba kernels.",
-            file=sys.stderr,
+    @classmethod
+    def _say(cls, exc: Exception) -> None:
+        """Once, on stderr (pip shows it with -v) and on the terminal (pip hides a successful
+        build's output otherwise)."""
+        if cls.said:
+            return
+        cls.said = True
+        message = (
+            f"\nhybridllm: the C++ core (hybridllm._core) was NOT built: {exc}.\n"
+            "hybridllm still installs and works, on the slower Numba kernels. For the C++ kernels,\n"
+            "install a C++17 compiler with OpenMP (e.g. g++) and reinstall hybridllm.\n\n"
         )
+        print(message, file=sys.stderr, flush=True)
+        try:
+            with open("/dev/tty", "w") as tty:
+                tty.write(message)
+        except OSError:  # no terminal (CI, a pipe): stderr above is all there is
+            pass
 
 
 def core_extension():

@@ -9,6 +9,7 @@ under the user's cache directory unless the user has set it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -22,6 +23,15 @@ def user_cache_dir() -> Path:
 def numba_cache_dir() -> Path:
     """The folder Numba caches compiled kernels in (the user's NUMBA_CACHE_DIR wins)."""
     return Path(os.environ.get("NUMBA_CACHE_DIR") or user_cache_dir() / "numba")
+
+
+def numba_cache_present(source_file: str | os.PathLike[str]) -> bool:
+    """Whether Numba has cached kernels of this source file (its index files), found where
+    Numba's UserProvidedCacheLocator puts them: <cache>/<folder name>_<sha1 of the folder>."""
+    folder = os.path.dirname(os.path.abspath(source_file))
+    subpath = f"{os.path.basename(folder)}_{hashlib.sha1(folder.encode()).hexdigest()}"
+    cache = numba_cache_dir() / subpath
+    return cache.is_dir() and any(cache.glob(f"{Path(source_file).stem}.*.nbi"))
 
 
 def set_numba_cache_dir() -> None:

@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import warnings
+from importlib.machinery import EXTENSION_SUFFIXES
 from types import ModuleType
 
 import numpy as np
 
+from .._native import CORE_ENV
 from .._native import CORE_ERROR as _CORE_ERROR
 from .._native import core as _core
+from .._user_cache import numba_cache_dir, numba_cache_present
 from ..errors import ConfigError, HybridLLMError
 from ._types import SUPPORTED, TypeSpec, resolve_qtype
 
@@ -91,16 +95,38 @@ def default_backend() -> str:
     if _numba_importable():
         if not _warned_fallback:
             _warned_fallback = True
-            warnings.warn(
-                f"hybridllm._core is not built ({_CORE_ERROR}); using the slower Numba kernels. "
-                "Reinstall hybridllm with a C++ compiler available to get the C++ kernels.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            _say_fallback()
         return "numba"
     raise HybridLLMError(
         f"no kernel backend available: {_why_missing('cpp')}; {_why_missing('numba')}"
     )
+
+
+def _say_fallback() -> None:
+    """Warn once that the C++ core is missing (a RuntimeWarning for Python callers, which the
+    CLI shows as one plain line), and say when the Numba kernels are about to be compiled."""
+    warnings.warn(
+        f"{_core_missing_reason()}; running on the slower Numba kernels", RuntimeWarning, stacklevel=4
+    )
+    if not numba_cache_present(os.path.join(os.path.dirname(__file__), "numba_kernels.py")):
+        print(
+            "hybridllm: compiling the Numba kernels for this machine, once (about a minute; "
+            f"cached in {numba_cache_dir()})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _core_missing_reason() -> str:
+    """Why hybridllm._core did not load, in words: not built at install, or a broken build."""
+    package = os.path.dirname(os.path.dirname(__file__))
+    built = [f for f in os.listdir(package) if f.startswith("_core.") and f.endswith(tuple(EXTENSION_SUFFIXES))]
+    if not built and not os.environ.get(CORE_ENV):
+        return (
+            "the C++ core was not built when hybridllm was installed (no C++ compiler, or the "
+            "build failed: `pip install -v .` shows why)"
+        )
+    return f"the C++ core does not load ({_CORE_ERROR})"
 
 
 def _why_missing(name: str) -> str:
