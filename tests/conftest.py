@@ -46,3 +46,37 @@ def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, smollm_path: str) 
     if not path.exists():
         write_tiny_model(path, smollm_path, TINY_LLAMA)
     return str(path)
+
+
+# --- the GPU tests: a real device through CuPy, else the SIMT emulator (tests/gpu_emulator) ---
+GPU_TESTS_ENV = "HYBRIDLLM_GPU_TESTS"  # "emulated" forces the emulator even where a GPU exists
+
+
+def _real_cupy_with_device() -> bool:
+    if os.environ.get(GPU_TESTS_ENV) == "emulated":
+        return False
+    try:
+        import cupy
+
+        return getattr(cupy, "__name__", "") == "cupy" and cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - no CuPy, no driver, no device: all mean "emulate"
+        return False
+
+
+@pytest.fixture(scope="module")
+def cupy_module():  # noqa: ANN201 - the real cupy module or the stand-in
+    """`cupy` for one test module: the real one where CuPy sees a device, else the stand-in
+    (kernels on the SIMT emulator) installed in sys.modules for this module's tests only, so
+    no other test finds a pretend GPU through gpu_probe."""
+    if _real_cupy_with_device():
+        import cupy
+
+        yield cupy
+        return
+    from gpu_emulator import fake_cupy
+
+    fake_cupy.install()
+    try:
+        yield fake_cupy
+    finally:
+        fake_cupy.uninstall()

@@ -72,6 +72,8 @@ struct Warp {
     unsigned long long gen = 0;  // exchanges completed
     unsigned arrived = 0;        // lanes arrived at the current exchange (bit mask)
     unsigned mask = 0;           // the mask of the current exchange
+    unsigned exists = 0;         // lanes this block has
+    unsigned done = 0;           // lanes that returned
     // double-buffered lane values: exchange g writes slot[g & 1]
     unsigned long long slot[2][32];
 };
@@ -153,6 +155,7 @@ inline void yield_to_scheduler() {
     State& s = st();
     (*s.body)();
     s.cur->done = true;
+    s.warps[s.cur->linear >> 5].done |= 1u << (s.cur->linear & 31);
     ++s.n_done;
     emu_switch(&s.cur->sp, s.sched_sp);
     __builtin_unreachable();
@@ -203,11 +206,10 @@ inline unsigned long long exchange(unsigned mask, unsigned long long v, int src_
     Warp& w = s.warps[f->linear >> 5];
     const int warp_base = f->linear & ~31;
     if (!(mask >> lane & 1u)) fail_here("shuffle by a lane outside its mask");
-    for (int l = 0; l < 32; ++l) {
-        if (!(mask >> l & 1u)) continue;
-        if (warp_base + l >= s.nthreads) fail_here("shuffle mask names lane " + std::to_string(l) + " which does not exist");
-        if (s.fibers[warp_base + l].done)
-            fail_here("shuffle after lane " + std::to_string(l) + " of the warp returned");
+    if (mask & ~w.exists) fail_here("shuffle mask names lanes that do not exist in this block");
+    if (mask & w.done) {
+        const int l = __builtin_ctz(mask & w.done);
+        fail_here("shuffle after lane " + std::to_string(l) + " of the warp returned");
     }
     if (w.arrived == 0) {
         w.mask = mask;
@@ -251,7 +253,11 @@ inline std::vector<char*>& stacks() {
 inline int run_block(State& s) {
     const int n = s.nthreads;
     for (int i = 0; i < n; ++i) init_fiber(s.fibers[i]);
-    for (auto& w : s.warps) w = Warp{};
+    for (size_t i = 0; i < s.warps.size(); ++i) {
+        s.warps[i] = Warp{};
+        const int lanes = n - 32 * (int)i;
+        s.warps[i].exists = lanes >= 32 ? 0xffffffffu : (1u << lanes) - 1u;
+    }
     s.bar_gen = 0;
     s.bar_arrived = 0;
     s.n_done = 0;
@@ -266,6 +272,9 @@ inline int run_block(State& s) {
         for (int i : order) {
             Fiber& f = s.fibers[i];
             if (f.done) continue;
+            // a fiber still blocked would only yield back: do not switch to it
+            if (f.wait == 1 && s.bar_gen == f.wait_gen) continue;
+            if (f.wait == 2 && s.warps[f.linear >> 5].gen == f.wait_gen) continue;
             s.cur = &f;
             emu_switch(&s.sched_sp, f.sp);
             if (s.error) return 1;
