@@ -154,6 +154,13 @@ inline void yield_to_scheduler() {
 [[noreturn]] inline void fiber_entry() {
     State& s = st();
     (*s.body)();
+    if (s.bar_arrived > 0)
+        fail_here("thread returned while others wait at the __syncthreads of line " +
+                  std::to_string(s.bar_line) + " (divergent barrier)");
+    const Warp& w = s.warps[s.cur->linear >> 5];
+    if (w.arrived && (w.mask >> (s.cur->linear & 31) & 1u))
+        fail_here("shuffle after lane " + std::to_string(s.cur->linear & 31) +
+                  " of the warp returned (its lanes wait for it)");
     s.cur->done = true;
     s.warps[s.cur->linear >> 5].done |= 1u << (s.cur->linear & 31);
     ++s.n_done;
