@@ -297,7 +297,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     runner = open_runner(args.model, args)
     sampling = sampling_from_args(args)
-    pieces = runner.generate(args.prompt, stream=True, context_shift=args.context_shift, **sampling)
+    pieces = runner.generate(args.prompt, stream=True, context_shift=args.context_shift,
+                             n_keep=args.keep, ignore_eos=args.ignore_eos, **sampling)  # fmt: skip
     try:
         for piece in pieces:
             sys.stdout.write(piece)
@@ -415,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", required=True, help="the text to continue")
     p.add_argument("--context-shift", action="store_true",
                    help="when the context fills, drop its older half and go on (default: stop there)")  # fmt: skip
+    p.add_argument("--keep", type=cli_type("n_keep"), default=None,
+                   help="prompt tokens a context shift keeps (default: the prompt if it fills at most "
+                        "half the context, else 1; -1 = the whole prompt)")  # fmt: skip
+    p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-text token")
     add_sampling_args(p, max_tokens=128)
     add_runner_args(p)
 

@@ -101,11 +101,12 @@ OPTIONS: dict[str, Option] = {
         Option("n_gen", "--n-gen", int, 0, MAX_CTX),
         Option("depth", "--n-depth", int, 0, MAX_CTX),
         Option("repetitions", "--repetitions", int, 1, 1000),
+        Option("n_keep", "--keep", int, 0, MAX_CTX, specials={-1: "the whole prompt"}),
     )
 }
 
 #: Boolean arguments and their CLI flags (for cli_text).
-SWITCHES = {"context_shift": "--context-shift"}
+SWITCHES = {"context_shift": "--context-shift", "ignore_eos": "--ignore-eos"}
 
 
 def check(name: str, value: object) -> int | float:
@@ -119,6 +120,24 @@ def check(name: str, value: object) -> int | float:
 def check_optional(name: str, value: object) -> int | float | None:
     """check(), letting None through (None means the default)."""
     return None if value is None else check(name, value)
+
+
+def check_switch(name: str, value: object) -> bool:
+    """A boolean argument: True or False only (a string such as "no" would read as true)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}: expected True or False")
+    return value
+
+
+def check_stop(stop: object) -> list[str]:
+    """Stop strings: None, one string, or a sequence of strings."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list | tuple) and all(isinstance(s, str) for s in stop):
+        return list(stop)
+    raise ConfigError(f"stop={stop!r}: expected a string or a list of strings")
 
 
 def cli_type(name: str) -> Callable[[str], int | float]:

@@ -30,7 +30,7 @@ from .errors import ConfigError, ContextLengthWarning, DeviceError, context_leng
 from .generate import Context, GenerationStats, generate_text, generate_tokens
 from .gguf_file import ModelFile
 from .model import Model, core_block_class
-from .options import check, check_optional
+from .options import check, check_optional, check_stop, check_switch
 from .placement import DEFAULT_MARGIN, ModelSizes, Plan, parse_size, plan
 from .sampling import Sampler
 from .tokenizer import Tokenizer
@@ -218,7 +218,8 @@ class Runner:
 
         options: repeat_last_n (64; 0 = off, -1 = the whole context), presence_penalty,
         frequency_penalty (0.0, -2..2), context_shift (False: a full context raises
-        ContextFullError), n_keep (tokens a context shift keeps at the start), ignore_eos (False).
+        ContextFullError), n_keep (tokens a context shift keeps at the start; default the prompt
+        when it fills at most half the context, else 1; -1 = the whole prompt), ignore_eos (False).
         max_tokens None or -1: until the model stops. Returns the text, or an iterator of text
         pieces with stream=True. Timing of the call lands in `last_stats`.
         """
@@ -280,6 +281,12 @@ class Runner:
             raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
         max_tokens = check_optional("max_tokens", max_tokens)
         seed = _seed(seed)
+        stop = check_stop(stop)
+        context_shift = check_switch("context_shift", options.get("context_shift", False))
+        ignore_eos = check_switch("ignore_eos", options.get("ignore_eos", False))
+        n_keep = check_optional("n_keep", options.get("n_keep"))
+        if n_keep == -1:
+            n_keep = len(ids)
         call_seed = seed if seed is not None else int(self._rng.integers(2**63))
         sampler = Sampler.create(
             **sampling,
@@ -289,7 +296,7 @@ class Runner:
             frequency_penalty=options.get("frequency_penalty", 0.0),
             seed=call_seed,
         )
-        stop_ids = () if options.get("ignore_eos") else self.tokenizer.eot_ids
+        stop_ids = () if ignore_eos else self.tokenizer.eot_ids
         self.last_stats = stats = GenerationStats()
         tokens = generate_tokens(
             self.context,
@@ -298,8 +305,8 @@ class Runner:
             None if max_tokens == -1 else max_tokens,
             stop_ids,
             stats,
-            bool(options.get("context_shift", False)),
-            n_keep=options.get("n_keep"),
+            context_shift,
+            n_keep=n_keep,
         )
         pieces = generate_text(tokens, self.tokenizer, stop, stats)
         return pieces if stream else "".join(pieces)
