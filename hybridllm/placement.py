@@ -31,16 +31,33 @@ class ModelSizes:
     token_embd: int
     output: int  # the head; equals token_embd when the embedding is tied
     output_norm: int
+    # Elements of the largest matrix the CUDA backend dequantizes to f16 for a prefill GEMM
+    # (every type but F32 and F16: backends/cuda.py's scratch is sized for it at load), per
+    # block and for the head; () / 0 when unknown (then no such scratch is counted).
+    dequant_elements: tuple[int, ...] = ()
+    output_dequant_elements: int = 0
 
     @classmethod
     def from_model(cls, model: Any) -> ModelSizes:
         """From an open `ModelFile`."""
+        n_layers = model.config.n_layers
         return cls(
-            blocks=tuple(model.block_nbytes(i) for i in range(model.config.n_layers)),
+            blocks=tuple(model.block_nbytes(i) for i in range(n_layers)),
             token_embd=model.tensor("token_embd.weight").nbytes,
             output=model.output_tensor.nbytes,
             output_norm=model.tensor("output_norm.weight").nbytes,
+            dequant_elements=tuple(
+                max((_dequant_elements(t) for t in model.block_tensors(i).values()), default=0) for i in range(n_layers)
+            ),
+            output_dequant_elements=_dequant_elements(model.output_tensor),
         )
+
+
+def _dequant_elements(tensor: Any) -> int:
+    """rows * cols of a matrix that a GPU prefill dequantizes to f16, else 0."""
+    if len(tensor.shape) != 2 or int(tensor.qtype) in (0, 1):  # F32, F16: used as they are
+        return 0
+    return int(tensor.shape[0]) * int(tensor.shape[1])
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,41 @@ def scratch_bytes(config: ModelConfig, n_ctx: int, n_batch: int = DEFAULT_BATCH,
     return 4 * (n_batch * per_token + scores + head)
 
 
+#: ggml's GELU table of the CUDA backend: one f32 per f16 bit pattern.
+GELU_TABLE_BYTES = 4 * 65536
+
+
+def gpu_scratch_bytes(
+    config: ModelConfig, sizes: ModelSizes, n_ctx: int, gpu_blocks: Any, head_gpu: bool = False,
+    n_batch: int = DEFAULT_BATCH,
+) -> int:  # fmt: skip
+    """Everything the CUDA backend allocates on the device besides weights and KV caches.
+
+    The activations of a prefill chunk (scratch_bytes; a chunk is at most n_ctx tokens), plus
+    what backends/cuda.py adds: the f16 dequantization scratch of the largest quantized matrix
+    it holds (2 bytes an element), the rope cos/sin tables ((n_ctx, rope_dim/2) f32 each, one pair
+    per distinct rope base among its blocks: gemma3's local and global layers differ), the GELU
+    table, and the f16 copies of a chunk (the probabilities next to the f32 scores, and the
+    activations cuBLAS reads), and with the head the logits of every row of a chunk (scoring
+    asks for all of them).
+    """
+    blocks = list(gpu_blocks)
+    if not blocks and not head_gpu:
+        return 0
+    chunk = min(n_batch, n_ctx)
+    dequant = max(
+        [sizes.dequant_elements[i] for i in blocks if i < len(sizes.dequant_elements)]
+        + [sizes.output_dequant_elements if head_gpu else 0]
+    )  # fmt: skip
+    bases = {config.rope_base_swa if config.swa_layers[i] else config.rope_base for i in blocks}
+    rope = len(bases) * 2 * 4 * n_ctx * (config.rope_dim // 2)
+    gelu = GELU_TABLE_BYTES if config.spec.activation == "gelu_tanh" else 0
+    widest = max(config.dim, config.ffn_dim, config.q_dim, config.n_heads * config.head_dim_v)
+    f16 = 2 * chunk * (config.n_heads * n_ctx + widest + config.q_dim)
+    logits = 4 * config.n_vocab * (chunk - 1) if head_gpu else 0  # every row's logits, not one
+    return scratch_bytes(config, n_ctx, chunk, logits=head_gpu) + 2 * dequant + rope + gelu + f16 + logits
+
+
 def plan(
     config: ModelConfig,
     sizes: ModelSizes,
@@ -158,11 +210,13 @@ def plan(
         usable = max(0, free_device_bytes - margin)
         if gpu_mem is not None:
             usable = min(usable, gpu_mem)
-        gpu_scratch = scratch_bytes(config, n_ctx, n_batch)
-        fit = _blocks_that_fit(sizes.blocks, kv, usable - gpu_scratch)
+        fit = _blocks_that_fit(
+            sizes.blocks, kv, usable,
+            lambda k: gpu_scratch_bytes(config, sizes, n_ctx, range(n_layers - k, n_layers), n_batch=n_batch),
+        )  # fmt: skip
         n_gpu = fit if wanted is None else min(wanted, fit)
         if wanted is None and fit == 0:
-            need = gpu_scratch + sizes.blocks[-1] + kv
+            need = gpu_scratch_bytes(config, sizes, n_ctx, [n_layers - 1], n_batch=n_batch) + sizes.blocks[-1] + kv
             notes.append(f"GPU too small for one block (needs {_mib(need)}, usable {_mib(usable)}): running on the CPU")
         elif wanted is not None and wanted > fit:
             notes.append(f"asked for {wanted} GPU blocks, only {fit} fit in {_mib(usable)} usable GPU memory")
@@ -174,8 +228,8 @@ def plan(
     head_gpu = head_on_gpu and n_gpu == n_layers and n_gpu > 0
     if head_gpu:
         head_bytes = sizes.output + sizes.output_norm
-        used = scratch_bytes(config, n_ctx, n_batch) + sum(sizes.blocks) + n_layers * kv
-        if used + head_bytes + 4 * config.n_vocab > usable:
+        scratch = gpu_scratch_bytes(config, sizes, n_ctx, range(n_layers), head_gpu=True, n_batch=n_batch)
+        if scratch + sum(sizes.blocks) + n_layers * kv + head_bytes > usable:
             head_gpu = False
             notes.append("head_on_gpu: the output head does not fit on the GPU; it stays on the CPU")
     elif head_on_gpu:
@@ -201,11 +255,12 @@ def _wanted_layers(request: LayerRequest, n_layers: int) -> int | None:
     return n_layers if request == -1 else min(request, n_layers)  # -1 means all, as in llama.cpp
 
 
-def _blocks_that_fit(block_bytes: tuple[int, ...], kv: int, budget: int) -> int:
-    """How many blocks, taken from the end of the stack, fit in `budget` bytes."""
+def _blocks_that_fit(block_bytes: tuple[int, ...], kv: int, budget: int, scratch: Any) -> int:
+    """How many blocks, taken from the end of the stack, fit in `budget` bytes with the
+    device scratch that k blocks need (scratch(k))."""
     count, used = 0, 0
     for size in reversed(block_bytes):
-        if used + size + kv > budget:
+        if used + size + kv + scratch(count + 1) > budget:
             break
         used += size + kv
         count += 1
@@ -228,7 +283,7 @@ def _budgets(config, sizes, blocks, head_gpu, n_ctx, n_batch, free, margin) -> d
         budgets["gpu"] = DeviceBudget(
             weights_bytes=sum(b.weights_bytes for b in gpu_blocks) + (head if head_gpu else 0),
             kv_bytes=sum(b.kv_bytes for b in gpu_blocks),
-            scratch_bytes=scratch_bytes(config, n_ctx, n_batch, logits=head_gpu) if gpu_blocks else 0,
+            scratch_bytes=gpu_scratch_bytes(config, sizes, n_ctx, [b.index for b in gpu_blocks], head_gpu, n_batch),
             margin_bytes=margin,
             free_bytes=free,
         )

@@ -9,7 +9,14 @@ import pytest
 from hybridllm.cli import main
 from hybridllm.errors import DeviceError
 from hybridllm.gguf_file import ModelFile
-from hybridllm.placement import GiB, ModelSizes, kv_cache_bytes, parse_size, plan, scratch_bytes
+from hybridllm.placement import (
+    GiB,
+    ModelSizes,
+    gpu_scratch_bytes,
+    kv_cache_bytes,
+    parse_size,
+    plan,
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +28,9 @@ def gemma(gemma_path: str):  # noqa: ANN201
 def _gpu_need(config, sizes, n_blocks: int, n_ctx: int) -> int:  # noqa: ANN001
     """Bytes the last n_blocks blocks need on the GPU, with scratch."""
     kv = kv_cache_bytes(config, n_ctx)
-    return scratch_bytes(config, n_ctx) + sum(sizes.blocks[-n_blocks:]) + n_blocks * kv
+    n_layers = len(sizes.blocks)
+    scratch = gpu_scratch_bytes(config, sizes, n_ctx, range(n_layers - n_blocks, n_layers))
+    return scratch + sum(sizes.blocks[-n_blocks:]) + n_blocks * kv
 
 
 def test_no_gpu_means_all_cpu(gemma) -> None:  # noqa: ANN001
@@ -106,12 +115,12 @@ def test_parse_size() -> None:
 
 def test_plan_cli_json(gemma_path: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HYBRIDLLM_SIMULATE_GPU", "2GiB")
-    assert main(["plan", gemma_path, "--ctx", "1024", "--gpu-mem", "40MiB", "--json"]) == 0
+    assert main(["plan", gemma_path, "--ctx", "1024", "--gpu-mem", "64MiB", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     devices = [b["device"] for b in out["blocks"]]
     assert devices.count("gpu") == out["n_gpu_layers"] > 0 and devices[-1] == "gpu"
     assert out["token_embd"] == out["output"] == out["output_norm"] == "cpu"
-    assert out["devices"]["gpu"]["total_bytes"] <= 40 << 20 and out["devices"]["gpu"]["free_bytes"] == 2 * GiB
+    assert out["devices"]["gpu"]["total_bytes"] <= 64 << 20 and out["devices"]["gpu"]["free_bytes"] == 2 * GiB
     assert all(b["weights_bytes"] > 0 and b["kv_bytes"] == 1024 * (256 + 256) * 2 for b in out["blocks"])
 
 
