@@ -17,7 +17,10 @@ of files (see the device tool's README): prepare here, run there.
   5. tests     `pytest -m gpu` (tests/test_cuda_*.py ...) on the real device, or with --emulated
                on the emulator (HYBRIDLLM_GPU_TESTS=emulated), on the trimmed models;
   6. bench     bench/gpu.py: pp512 and tg128 against the number of GPU blocks, with a PNG;
-and writes everything under bench/results/gpu-check-<date>[-emulated]/ (summary.md, the logs,
+Tests that need the full catalog models (SmolLM2's tokenizer: the tiny synthetic models borrow
+it) skip on the device, which holds only the trimmed copies; test_cuda_backend.py runs there on
+the trimmed copies (HYBRIDLLM_GPU_TEST_MODELS). The check
+writes everything under bench/results/gpu-check-<date>[-emulated]/ (summary.md, the logs,
 the bench's csv/md/png) and, when --out is given (the device tool's $OUT), copies the files that
 the tool brings back (at most 8) there.
 """
@@ -140,7 +143,8 @@ def step_setup(c: Check) -> None:
             s.seconds = time.perf_counter() - t0
             return
         # The device's copy of the tree: an in-place build there touches nothing here.
-        rc, out = _run([sys.executable, "setup.py", "build_ext", "--inplace"], 300, {"MAX_JOBS": "16", **_python_env()})
+        jobs = str(os.cpu_count() or 4)
+        rc, out = _run([sys.executable, "setup.py", "build_ext", "--inplace", "-j", jobs], 300, _python_env())
         log.append(f"build the C++ core: rc {rc}\n{out[-3000:]}")
         if rc != 0:
             s.status, s.detail, s.log = "FAILED", "could not build the C++ core", "\n".join(log)
