@@ -119,7 +119,8 @@ def bench_hybridllm(path: Path, k: int, args: argparse.Namespace) -> tuple[dict[
         if n > 0:
             rates[f"{test}{n}"] = [n / timer(model, n, seed=r) for r in range(args.reps)]
     del model, gpu
-    release_gpu_memory(args.simulate)
+    if k:  # k = 0 never touched the GPU (nor needs CuPy)
+        release_gpu_memory(args.simulate)
     return rates, device
 
 

@@ -32,6 +32,7 @@ import datetime as dt
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -275,11 +276,11 @@ def run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     c = Check(args.emulated, out_dir)
     if args.emulated:
-        pytest_args = args.pytest or ["-m", "gpu", "-x", "tests/test_cuda_backend.py", "-k", "rms_norm or rope or store_kv or glu"]
-        bench_args = args.bench or ["--pp", "40", "--tg", "2", "--reps", "1", "--layers", "0,1", "--n-ctx", "64"]
+        pytest_args = shlex.split(args.pytest) if args.pytest else ["-m", "gpu", "-x", "tests/test_cuda_backend.py", "-k", "rms_norm or rope or store_kv or glu"]
+        bench_args = shlex.split(args.bench) if args.bench else ["--pp", "40", "--tg", "2", "--reps", "1", "--layers", "0,1", "--n-ctx", "64"]
     else:
-        pytest_args = args.pytest or ["-m", "gpu", "tests"]
-        bench_args = args.bench or ["--pp", "512", "--tg", "128", "--reps", "3", "--layers", "all"]
+        pytest_args = shlex.split(args.pytest) if args.pytest else ["-m", "gpu", "tests"]
+        bench_args = shlex.split(args.bench) if args.bench else ["--pp", "512", "--tg", "128", "--reps", "3", "--layers", "all"]
     step_env(c)
     step_setup(c)
     if c.steps[-1].status == "ok":
@@ -335,8 +336,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--emulated", action="store_true", help="no GPU: CuPy stand-in and SIMT emulator, small sizes")
     r.add_argument("--out", type=Path, default=None, help="copy the main files here too (the device tool's $OUT)")
     r.add_argument("--results", type=Path, default=None, help="results folder (default bench/results/gpu-check-<date>)")
-    r.add_argument("--pytest", nargs=argparse.REMAINDER, default=None, help="pytest arguments instead of the default")
-    r.add_argument("--bench", nargs="+", default=None, help="bench/gpu.py arguments instead of the default")
+    r.add_argument("--pytest", default=None, help='pytest arguments instead of the default, one string: --pytest="-m gpu tests/x.py"')
+    r.add_argument("--bench", default=None, help='bench/gpu.py arguments instead of the default, one string: --bench="--pp 64 --tg 8"')
     r.add_argument("--tests-timeout", type=float, default=240.0)
     r.add_argument("--bench-timeout", type=float, default=150.0)
     return p.parse_args(argv)
