@@ -284,10 +284,17 @@ def run(args: argparse.Namespace) -> int:
     step_env(c)
     step_setup(c)
     if c.steps[-1].status == "ok":
-        step_nvrtc(c)
-        step_ptxas(c)
-        step_tests(c, pytest_args, args.tests_timeout)
-        step_bench(c, bench_args, args.bench_timeout)
+        steps = {
+            "nvrtc": lambda: step_nvrtc(c),
+            "ptxas": lambda: step_ptxas(c),
+            "tests": lambda: step_tests(c, pytest_args, args.tests_timeout),
+            "bench": lambda: step_bench(c, bench_args, args.bench_timeout),
+        }
+        for name, do in steps.items():
+            if name in args.skip:
+                c.step(name).status = "skipped (--skip)"
+            else:
+                do()
     for s in c.steps:
         if s.log:
             (out_dir / f"{s.name}.log").write_text(s.log)
@@ -340,6 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--bench", default=None, help='bench/gpu.py arguments instead of the default, one string: --bench="--pp 64 --tg 8"')
     r.add_argument("--tests-timeout", type=float, default=240.0)
     r.add_argument("--bench-timeout", type=float, default=150.0)
+    r.add_argument("--skip", nargs="*", default=[], choices=["nvrtc", "ptxas", "tests", "bench"], help="steps to leave out")
     return p.parse_args(argv)
 
 
