@@ -80,3 +80,15 @@ def cupy_module():  # noqa: ANN201 - the real cupy module or the stand-in
         yield fake_cupy
     finally:
         fake_cupy.uninstall()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """llama-cpp-python opens /dev/null twice at import (llama_cpp/_utils.py) and never closes
+    it, which shows as two ResourceWarnings at exit: close them once the tests are done."""
+    import sys
+
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        handle = getattr(utils, name, None)
+        if handle is not None and not handle.closed:
+            handle.close()
