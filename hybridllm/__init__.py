@@ -5,7 +5,9 @@ from . import (
     _user_cache,  # noqa: F401  (Numba's cache out of the install folder, before numba loads)
 )
 from .errors import (
+    ConfigError,
     ContextFullError,
+    ContextLengthWarning,
     DeviceError,
     DownloadError,
     HybridLLMError,
@@ -19,7 +21,9 @@ from .tokenizer import IncrementalDecoder, Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConfigError",
     "ContextFullError",
+    "ContextLengthWarning",
     "DeviceError",
     "DownloadError",
     "HybridLLMError",
