@@ -29,8 +29,11 @@ Importing this module needs CuPy; `backends.gpu_probe` says whether a GPU can be
 
 from __future__ import annotations
 
+import functools
+import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cupy as cp
 import numpy as np
@@ -105,6 +108,25 @@ def _blocks(n: int, per_block: int) -> int:
     return (n + per_block - 1) // per_block
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _device_errors(op: _F) -> _F:
+    """Out of device memory inside an op (a prompt's activations, attention scratch) raises
+    DeviceError as loading does, never CuPy's own error: callers handle one kind."""
+
+    @functools.wraps(op)
+    def wrapper(self: CudaBackend, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return op(self, *args, **kwargs)
+        except cp.cuda.memory.OutOfMemoryError as exc:
+            asked = re.search(r"allocating ([\d,]+) bytes", str(exc))
+            nbytes = int(asked.group(1).replace(",", "")) if asked else 0
+            raise self._out_of_memory(f"the buffers of {op.__name__}", nbytes, exc) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
 class CudaBackend:
     """Ops of a transformer block on one CUDA device; weights stay quantized in device memory.
 
@@ -171,6 +193,7 @@ class CudaBackend:
         self.kv_bytes += nbytes
         return cache
 
+    @_device_errors
     def from_host(self, x: np.ndarray) -> Any:
         """Host (n, dim) float32 -> device, through a pinned staging buffer (async copy)."""
         host = np.ascontiguousarray(x, dtype=np.float32)
@@ -185,6 +208,7 @@ class CudaBackend:
         self.bytes_to_device += host.nbytes
         return dev
 
+    @_device_errors
     def to_host(self, x: Any) -> np.ndarray:
         """Device -> a new host float32 array, through a pinned staging buffer."""
         x = self._f32(x)
@@ -194,6 +218,7 @@ class CudaBackend:
         return stage.copy()  # the staging buffer is reused by the next call
 
     # --- ops ----------------------------------------------------------------------------
+    @_device_errors
     def matmul(self, w: Matrix, x: Any) -> Any:
         """x (n, cols) @ W.T -> (n, rows) float32."""
         x = self._f32(x)
@@ -207,6 +232,7 @@ class CudaBackend:
             self._gemm(w, x, out)
         return out
 
+    @_device_errors
     def rms_norm(self, x: Any, w: Any, eps: float) -> Any:
         """Row-wise RMSNorm of x (m, k) times w (k,) -> new (m, k)."""
         x = self._f32(x)
@@ -218,6 +244,7 @@ class CudaBackend:
         self._fn("rms_norm")((x.size // k,), (threads,), (x, w, out, _i32(k), np.float32(eps)))
         return out
 
+    @_device_errors
     def rope(self, x: Any, pos0: int, rope: RopeSpec) -> None:
         """Rotate x (n, heads, head_dim) in place for positions pos0..pos0+n-1."""
         n, heads, head_dim = x.shape
@@ -232,6 +259,7 @@ class CudaBackend:
         args = (x, _i32(n), _i32(heads), _i32(head_dim), _i32(half), _i32(pos0), cos, sin, _i32(rope.neox))
         self._fn("rope")((_blocks(total, 256),), (256,), args)
 
+    @_device_errors
     def store_kv(self, cache: Any, pos0: int, rows: Any) -> None:
         """Write rows (n, width) at pos0.. of a float16 cache, rounding to nearest even."""
         rows = self._f32(rows)
@@ -241,6 +269,7 @@ class CudaBackend:
         count = n * width
         self._fn("store_f16")((_blocks(count, 256),), (256,), (rows, cache, _i64(pos0 * width), _i64(count)))
 
+    @_device_errors
     def attention(self, q: Any, k_cache: Any, v_cache: Any, pos0: int, window: int, scale: float) -> Any:
         """Causal GQA attention of q (n, n_heads, dk) over cache rows 0..pos0+n-1 -> (n, n_heads*dv).
 
@@ -258,6 +287,7 @@ class CudaBackend:
             out = self._attention_gemm(q, k_cache, v_cache, pos0, window, scale, n_kv, dv)
         return out.reshape(n, n_heads * dv)
 
+    @_device_errors
     def glu(self, gate: Any, up: Any, activation: str) -> Any:
         """act(gate) * up for gate, up (n, ffn_dim) -> new (n, ffn_dim)."""
         gate, up = self._f32(gate), self._f32(up)
@@ -476,12 +506,15 @@ class CudaBackend:
         try:
             return make()
         except cp.cuda.memory.OutOfMemoryError as exc:
-            free, total = cp.cuda.runtime.memGetInfo()
-            free += cp.get_default_memory_pool().free_bytes()  # cached by CuPy, reusable
-            err = DeviceError(
-                f"GPU out of memory loading {what}: asked for {nbytes} bytes, {free} free of {total} "
-                f"(this backend holds {self.weights_bytes + self.kv_bytes + self.scratch_bytes}); "
-                "place fewer blocks on the GPU"
-            )
-            err.asked_bytes, err.free_bytes = nbytes, free  # type: ignore[attr-defined]
-            raise err from exc
+            raise self._out_of_memory(f"loading {what}", nbytes, exc) from exc
+
+    def _out_of_memory(self, what: str, nbytes: int, exc: Exception) -> DeviceError:
+        free, total = cp.cuda.runtime.memGetInfo()
+        free += cp.get_default_memory_pool().free_bytes()  # cached by CuPy, reusable
+        err = DeviceError(
+            f"GPU out of memory {what}: asked for {nbytes} bytes, {free} free of {total} "
+            f"(this backend holds {self.weights_bytes + self.kv_bytes + self.scratch_bytes}); "
+            "place fewer blocks on the GPU"
+        )
+        err.asked_bytes, err.free_bytes = nbytes, free  # type: ignore[attr-defined]
+        return err
