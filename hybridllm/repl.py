@@ -28,8 +28,8 @@ HELP = """commands:
 
 
 SHIFT_NOTE = (
-    "(the conversation no longer fits the context: the model now sees the system message, "
-    "the first exchange and the latest turns; older turns in between are dropped)"
+    "(the conversation no longer fits the context of {n_ctx} tokens: the model now sees {kept}the "
+    "latest turns; older turns in between are dropped; a larger --ctx keeps more)"
 )
 #: Of the context, the part a new prompt leaves free for the reply.
 REPLY_SHARE = 4
@@ -177,10 +177,22 @@ class ChatSession:
     def _note_shift(self) -> None:
         if not self.shift_noted:
             self.shift_noted = True
-            self._say(SHIFT_NOTE)
+            self._say(SHIFT_NOTE.format(n_ctx=self.runner.n_ctx, kept=_kept_words(self.head())))
 
     def _say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
+
+
+def _kept_words(head: list[dict[str, str]]) -> str:
+    """What the kept head of a conversation is, in words: "the system message, the first
+    exchange and " (empty when nothing is kept)."""
+    roles = [m["role"] for m in head]
+    parts = ["the system message"] if "system" in roles else []
+    if "assistant" in roles:
+        parts.append("the first exchange")
+    elif "user" in roles:
+        parts.append("your first message")
+    return ", ".join(parts) + " and " if parts else ""
 
 
 def timings_line(stats: Any) -> str:
