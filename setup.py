@@ -39,7 +39,7 @@ class OptionalBuildExt(build_ext):
             return
         cls.said = True
         message = (
-            f"\nhybridllm: the C++ core (hybridllm._core) was NOT built: {exc}.\n"
+            f"\nhybridllm: the C++ core (hybridllm._core) was NOT built: {_short_reason(exc)}.\n"
             "hybridllm still installs and works, on the slower Numba kernels. For the C++ kernels,\n"
             "install a C++17 compiler with OpenMP (e.g. g++) and reinstall hybridllm.\n\n"
         )
@@ -49,6 +49,18 @@ class OptionalBuildExt(build_ext):
                 tty.write(message)
         except OSError:  # no terminal (CI, a pipe): stderr above is all there is
             pass
+
+
+def _short_reason(exc: Exception) -> str:
+    """A failed compiler call as `the compiler /bin/false failed on cpp/x.cpp (exit status 1)`,
+    not its whole command line; other errors as they are."""
+    for error in (exc, exc.__cause__, exc.__context__):
+        cmd = getattr(error, "cmd", None)
+        if isinstance(cmd, list | tuple) and cmd:
+            sources = [a for a in cmd if str(a).endswith(".cpp")]
+            where = f" on {sources[0]}" if sources else ""
+            return f"the compiler {cmd[0]} failed{where} (exit status {getattr(error, 'returncode', '?')})"
+    return str(exc).rstrip(".") or type(exc).__name__
 
 
 def core_extension():
