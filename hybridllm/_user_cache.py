@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 
@@ -35,9 +36,15 @@ def numba_cache_present(source_file: str | os.PathLike[str]) -> bool:
 
 
 def set_numba_cache_dir() -> None:
-    """Export NUMBA_CACHE_DIR (Numba reads it once, at import) unless the user chose one."""
-    if not os.environ.get("NUMBA_CACHE_DIR"):
-        os.environ["NUMBA_CACHE_DIR"] = str(numba_cache_dir())
+    """Export NUMBA_CACHE_DIR (Numba reads it once, at import) unless the user chose one. If
+    numba was imported before hybridllm, its config has read the environment already: set the
+    folder there too (Numba looks it up when a cached function is defined, i.e. after this)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    os.environ["NUMBA_CACHE_DIR"] = str(numba_cache_dir())
+    config = sys.modules.get("numba.core.config")
+    if config is not None and not getattr(config, "CACHE_DIR", ""):
+        config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
 
 set_numba_cache_dir()
