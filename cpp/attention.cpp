@@ -2,8 +2,10 @@
 // any lane count, and one SIMD template over the ISA traits of ops.h.
 //
 // Work split (a team of nt threads):
-//   batches (n > 1): keys transposed to float once per step ([KV][dk][ldk], so that L keys sit
-//     in the L lanes and tinyBLAS's per-output accumulators become L vectors folded by halving),
+//   batches (n > 1): keys and values converted to float once per step, keys in blocks of L
+//     ([KV][T/L][dk][L], so that L keys sit in the L lanes and tinyBLAS's per-output
+//     accumulators become L vectors folded by halving), values in blocks of L dims
+//     ([KV][dv/L][T][L], read contiguously by P.V),
 //     then items (head, block of QB query rows), latest rows first. Inside an item the key
 //     blocks are the outer loop and the rows the inner one (a key block stays in L1 across the
 //     rows), and P.V walks output-dim blocks outside the rows (that V column slice stays in L2).
@@ -221,62 +223,92 @@ void softmax(float* s, int64_t base, int64_t lo, int64_t hi) {
     for (int64_t c = 0; c < nch; ++c) S::store(s + L * c, S::round_h(S::mul(S::load(s + L * c), inv)));
 }
 
-// Decode P.V of nh heads of one KV group for output dims [d0, d0 + dc) in ggml_vec_dot_f16's
-// order over positions: chain r = pos % 4L (accumulator r / L, lane r % L), chains folded
-// (0+2)+(1+3) then vec_fold_lanes. prob + j * ls: head j's probabilities (index pos - base);
-// out + j * dv: head j's output. Each value row segment is read once for the group; the 4L
-// chains of each head live in acc [nh][4L][dc] (chains no position touched count as zeros).
-template <class S>
-void pv_vec(const float* prob, int nh, int64_t ls, int64_t base, const uint16_t* vc, int64_t vs,
-            int64_t lo, int64_t hi, int64_t d0, int64_t dc, int64_t dv, float* acc, float* out) {
+// Decode P.V of nh heads of one KV group for the W*L output dims at d0, in ggml_vec_dot_f16's
+// order over positions: chain r = pos % 4L (accumulator r / L, lane r % L) sums its positions
+// in order; the chains are then folded (0+2)+(1+3) and by vec_fold_lanes. A chain's W vectors
+// stay in registers while it walks its positions (stride 4L rows) inside a superblock of
+// 16 * 4L rows, whose value columns (prefetched one superblock ahead) stay in L2 for the nh
+// heads; between superblocks the chains wait in acc [nh][4L][W*L]. prob + j * ls: head j's
+// probabilities (index pos - base); out + j * dv: head j's output.
+template <class S, int W>
+void pv_vec_w(const float* prob, int nh, int64_t ls, int64_t base, const uint16_t* vc, int64_t vs,
+              int64_t lo, int64_t hi, int64_t d0, int64_t dv, float* acc, float* out) {
     using V = typename S::V;
-    constexpr int L = S::L, C = 4 * L;
-    uint64_t touched = 0;
-    for (int64_t pos = lo; pos <= hi && pos < lo + C; ++pos) {
-        touched |= uint64_t{1} << (pos % C);
+    constexpr int L = S::L, C = 4 * L, DC = W * L;
+    constexpr int64_t SB = 16 * C;
+    std::fill(acc, acc + nh * C * DC, 0.0f);  // chains without positions are zeros, as in ggml
+    const uint16_t* v0 = vc + d0;
+    auto prefetch = [&](int64_t a, int64_t b) {
+        for (int64_t pos = a; pos <= b; ++pos) _mm_prefetch(reinterpret_cast<const char*>(v0 + pos * vs), _MM_HINT_T1);
+    };
+    prefetch(lo, std::min(hi, lo + SB - 1));
+    for (int64_t sb = lo; sb <= hi; sb += SB) {
+        const int64_t se = std::min(hi, sb + SB - 1);
+        prefetch(se + 1, std::min(hi, se + SB));
         for (int j = 0; j < nh; ++j) {
-            float* a = acc + (j * C + pos % C) * dc;
-            std::fill(a, a + dc, 0.0f);
-        }
-    }
-    for (int64_t pos = lo; pos <= hi; ++pos) {
-        const uint16_t* v = vc + pos * vs + d0;
-        _mm_prefetch(reinterpret_cast<const char*>(v + 16 * vs), _MM_HINT_T0);
-        for (int j = 0; j < nh; ++j) {
-            float* a = acc + (j * C + pos % C) * dc;
-            const V p = S::set1(prob[j * ls + pos - base]);
-            for (int64_t d = 0; d < dc; d += L) S::store(a + d, S::fma(S::load_h(v + d), p, S::load(a + d)));
+            const float* pj = prob + j * ls - base;  // pj[pos]
+            for (int64_t first = sb; first <= std::min(se, sb + C - 1); ++first) {
+                float* a = acc + (j * C + first % C) * DC;
+                V x[W];
+                for (int w = 0; w < W; ++w) x[w] = S::load(a + w * L);
+                for (int64_t pos = first; pos <= se; pos += C) {
+                    const V p = S::set1(pj[pos]);
+                    const uint16_t* v = v0 + pos * vs;
+                    for (int w = 0; w < W; ++w) x[w] = S::fma(S::load_h(v + w * L), p, x[w]);
+                }
+                for (int w = 0; w < W; ++w) S::store(a + w * L, x[w]);
+            }
         }
     }
     for (int j = 0; j < nh; ++j) {
-        const float* aj = acc + j * C * dc;
-        for (int64_t d = 0; d < dc; d += L) {
+        const float* aj = acc + j * C * DC;
+        for (int d = 0; d < DC; d += L) {
             V t[L];
-            auto row = [&](int r) { return (touched >> r) & 1 ? S::load(aj + r * dc + d) : S::zero(); };
             for (int i = 0; i < L; ++i)
-                t[i] = S::add(S::add(row(i), row(2 * L + i)), S::add(row(L + i), row(3 * L + i)));
+                t[i] = S::add(S::add(S::load(aj + i * DC + d), S::load(aj + (2 * L + i) * DC + d)),
+                              S::add(S::load(aj + (L + i) * DC + d), S::load(aj + (3 * L + i) * DC + d)));
             S::store(out + j * dv + d0 + d, vec_fold_lanes<S>(t));
         }
     }
 }
 
-// Batch scores of rows [0, nr) of one head against keys held transposed in float (kt [dk][ldk],
-// column pos - kbase, kbase a multiple of L), tinyBLAS's order: one L-lane accumulator per (row, key), lanes over
-// dims, halving hsum. With L keys in the L lanes, the L lane accumulators are L vectors and
-// the hsum is L-1 vector adds. Key blocks outside, rows inside: the block (dk x L floats) stays
-// in L1 across the rows. Row r's scores at s + r * ls, index pos - kbase; whole L-blocks are
-// written (the lanes outside the row's range are set by the softmax).
+// pv_vec_w over output dims [d0, d0 + dc) (dc a multiple of L) in slices of up to 4L.
+// Scratch acc: nh * 4L * min(dc, 4L) floats.
 template <class S>
-void scores_tiny_rows(const float* q, int64_t qs, const float* kt, int64_t ldk, int64_t kbase,
-                      const int64_t* lo, const int64_t* hi, int64_t nr, int64_t dk, float scale,
-                      float* s, int64_t ls) {
+void pv_vec(const float* prob, int nh, int64_t ls, int64_t base, const uint16_t* vc, int64_t vs,
+            int64_t lo, int64_t hi, int64_t d0, int64_t dc, int64_t dv, float* acc, float* out) {
+    constexpr int L = S::L;
+    for (int64_t d = d0; d < d0 + dc;) {
+        const int64_t left = d0 + dc - d;
+        if (left >= 4 * L) {
+            pv_vec_w<S, 4>(prob, nh, ls, base, vc, vs, lo, hi, d, dv, acc, out);
+            d += 4 * L;
+        } else if (left >= 2 * L) {
+            pv_vec_w<S, 2>(prob, nh, ls, base, vc, vs, lo, hi, d, dv, acc, out);
+            d += 2 * L;
+        } else {
+            pv_vec_w<S, 1>(prob, nh, ls, base, vc, vs, lo, hi, d, dv, acc, out);
+            d += L;
+        }
+    }
+}
+
+// Batch scores of rows [0, nr) of one head in tinyBLAS's order: one L-lane accumulator per
+// (row, key), lanes over dims, halving hsum. The keys are float blocks of L keys, kt [blk][dk][L]
+// (block b: positions kbase + b L ..), so that with L keys in the L lanes the L lane
+// accumulators are L vectors and the hsum is L-1 vector adds. Key blocks outside, rows inside:
+// a block (dk x L floats, 4-16 KiB) stays in L1 across the rows. Row r's scores at s + r * ls,
+// index pos - kbase; whole blocks are written (the softmax masks the lanes outside the row).
+template <class S>
+void scores_tiny_rows(const float* q, int64_t qs, const float* kt, int64_t kbase, const int64_t* lo,
+                      const int64_t* hi, int64_t nr, int64_t dk, float scale, float* s, int64_t ls) {
     using V = typename S::V;
     constexpr int L = S::L;
     int64_t first = lo[0], last = hi[0];
     for (int64_t r = 1; r < nr; ++r) first = std::min(first, lo[r]), last = std::max(last, hi[r]);
     const V vscale = S::set1(scale);
     for (int64_t b = first - first % L; b <= last; b += L) {
-        const float* col = kt + (b - kbase);
+        const float* blk = kt + (b - kbase) * dk;  // (b - kbase) / L blocks of dk * L floats
         for (int64_t r = 0; r < nr; ++r) {
             if (b + L <= lo[r] || b > hi[r]) continue;
             const float* qr = q + r * qs;
@@ -284,8 +316,7 @@ void scores_tiny_rows(const float* q, int64_t qs, const float* kt, int64_t ldk, 
             for (auto& a : acc) a = S::zero();
             for (int64_t c = 0; c < dk; c += L) {
 #pragma GCC unroll 16
-                for (int i = 0; i < L; ++i)
-                    acc[i] = S::fma(S::set1(qr[c + i]), S::load(col + (c + i) * ldk), acc[i]);
+                for (int i = 0; i < L; ++i) acc[i] = S::fma(S::set1(qr[c + i]), S::load(blk + (c + i) * L), acc[i]);
             }
             S::store(s + r * ls + (b - kbase), S::mul(halve<S>(acc), vscale));
         }
@@ -294,32 +325,26 @@ void scores_tiny_rows(const float* q, int64_t qs, const float* kt, int64_t ldk, 
 
 // Batch P.V of rows [0, nr) in tinyBLAS's order: one L-lane accumulator per output, lane =
 // pos % L, halving hsum. L output dims at a time with the L lane accumulators in registers,
-// walking aligned groups of L positions; dim blocks outside, rows inside (the V column slice
+// walking aligned groups of L positions: vt [ldv][L] holds those L dims of the values as float
+// (row pos - kbase; zeros outside the cache rows). Each row's probabilities are 0 on the lanes
+// of its groups outside [lo, hi] (the softmax's masking), so whole groups are added, as
+// llama.cpp adds its masked cells. Dim blocks outside, rows inside (the slice, T x L floats,
 // stays in L2 across the rows). Row r's probabilities at prob + r * ls, index pos - kbase.
 template <class S>
-void pv_rows(const float* prob, int64_t ls, int64_t kbase, const uint16_t* vc, int64_t vs, const int64_t* lo,
+void pv_rows(const float* prob, int64_t ls, int64_t kbase, const float* vt, int64_t ldv, const int64_t* lo,
              const int64_t* hi, int64_t nr, int64_t dv, float* out, int64_t os) {
     using V = typename S::V;
     constexpr int L = S::L;
     for (int64_t d0 = 0; d0 < dv; d0 += L) {
-        const uint16_t* v = vc + d0;
+        const float* vb = vt + (d0 / L) * ldv * L;  // this dim block: [ldv][L]
         for (int64_t r = 0; r < nr; ++r) {
-            const int64_t base = lo[r] - lo[r] % L;
-            const float* pr = prob + r * ls - kbase;  // pr[pos]
+            const int64_t c0 = lo[r] - lo[r] % L - kbase, c1 = hi[r] + 1 - kbase;
+            const float* pr = prob + r * ls;  // pr[pos - kbase]
             V acc[L];
             for (auto& a : acc) a = S::zero();
-            for (int64_t g = base; g <= hi[r]; g += L) {
-                if (g >= lo[r] && g + L - 1 <= hi[r]) {
+            for (int64_t c = c0; c < c1; c += L) {
 #pragma GCC unroll 16
-                    for (int i = 0; i < L; ++i)
-                        acc[i] = S::fma(S::load_h(v + (g + i) * vs), S::set1(pr[g + i]), acc[i]);
-                } else {
-                    for (int i = 0; i < L; ++i) {
-                        const int64_t pos = g + i;
-                        if (pos >= lo[r] && pos <= hi[r])
-                            acc[i] = S::fma(S::load_h(v + pos * vs), S::set1(pr[pos]), acc[i]);
-                    }
-                }
+                for (int i = 0; i < L; ++i) acc[i] = S::fma(S::load(vb + (c + i) * L), S::set1(pr[c + i]), acc[i]);
             }
             S::store(out + r * os + d0, halve<S>(acc));
         }
@@ -366,9 +391,11 @@ void Attention::plan(const AttnShape& shape, int64_t n, int64_t pos0, int nt, bo
     n_dc_ = cdiv(s_.dv, dc_);
 
     kbase_ = kstart_ - kstart_ % L;
-    ldk_ = round_up(kstart_ + T_ - kbase_, 16) + 16;
-    n_ktb_ = cdiv(T_, 64);
-    if (simd_ && batched_) kt_.get(static_cast<size_t>(s_.KV * s_.dk * ldk_));
+    ncol_ = round_up(kstart_ + T_ - kbase_, 64);
+    if (simd_ && batched_) {
+        kt_.get(static_cast<size_t>(s_.KV * ncol_ * s_.dk));
+        vt_.get(static_cast<size_t>(s_.KV * ncol_ * s_.dv));
+    }
     if (split_) s_all_.get(static_cast<size_t>(s_.H * s_len_));
     size_t per = 0;
     if (!simd_)
@@ -434,26 +461,34 @@ void Attention::run_simd(const float* q, const uint16_t* kc, const uint16_t* vc,
     auto first_key = [&](int64_t p) { return s_.window > 0 ? std::max(kstart, p - s_.window + 1) : kstart; };
 
     if (batched_) {
-        // keys kstart.. as float, transposed: kt[g][d][pos - kbase], zero columns around them
+        // cache rows as float, once per step: keys in blocks of L, kt[g][blk][d][L], and values
+        // in dim blocks, vt[g][d / L][col][L] (col = pos - kbase); zeros outside kstart..+T
         float* kt = kt_.get(0);
-        const int64_t ldk = ldk_, kbase = kbase_, c_first = kstart - kbase, c_end = c_first + T;
+        float* vt = vt_.get(0);
+        const int64_t kbase = kbase_, ncol = ncol_, c_first = kstart - kbase, c_end = c_first + T;
+        const int64_t n_chunks = ncol / 64;
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < KV * n_ktb_; ++i) {
-            const int64_t g = i / n_ktb_, c0 = (i % n_ktb_) * 64, c1 = std::min(T, c0 + 64);
-            float* ktg = kt + g * dk * ldk;
+        for (int64_t i = 0; i < KV * n_chunks; ++i) {
+            const int64_t g = i / n_chunks, c0 = (i % n_chunks) * 64;
+            float* ktg = kt + g * ncol * dk;
+            float* vtg = vt + g * ncol * dv;
             float row[512];
-            for (int64_t c = c0; c < c1; ++c) {
-                const uint16_t* k = kc + (kstart + c) * kvk + g * dk;
+            for (int64_t c = c0; c < c0 + 64; ++c) {
+                float* kb = ktg + (c / L) * dk * L + c % L;
+                if (c < c_first || c >= c_end) {
+                    for (int64_t d = 0; d < dk; ++d) kb[d * L] = 0.0f;
+                    for (int64_t d = 0; d < dv; d += L) S::store(vtg + (d / L * ncol + c) * L, S::zero());
+                    continue;
+                }
+                const uint16_t* k = kc + (kbase + c) * kvk + g * dk;
                 for (int64_t d0 = 0; d0 < dk; d0 += 512) {
                     const int64_t nd = std::min<int64_t>(512, dk - d0);
                     from_f16_row(k + d0, row, nd);
-                    for (int64_t d = 0; d < nd; ++d) ktg[(d0 + d) * ldk + c_first + c] = row[d];
+                    for (int64_t d = 0; d < nd; ++d) kb[(d0 + d) * L] = row[d];
                 }
+                const uint16_t* v = vc + (kbase + c) * kvv + g * dv;
+                for (int64_t d = 0; d < dv; d += L) S::store(vtg + (d / L * ncol + c) * L, S::load_h(v + d));
             }
-            if (c0 == 0)
-                for (int64_t d = 0; d < dk; ++d) std::fill(ktg + d * ldk, ktg + d * ldk + c_first, 0.0f);
-            if (c1 == T)  // the padding columns the L-key loads may read
-                for (int64_t d = 0; d < dk; ++d) std::fill(ktg + d * ldk + c_end, ktg + (d + 1) * ldk, 0.0f);
         }
         // (head, QB query rows) items, the latest rows (most keys) first
 #pragma omp for schedule(dynamic, 1)
@@ -462,13 +497,13 @@ void Attention::run_simd(const float* q, const uint16_t* kc, const uint16_t* vc,
             const int64_t t0 = (n_qb_ - 1 - i / H) * QB, nr = std::min(n_, t0 + QB) - t0;
             int64_t lo[QB], hi[QB];
             for (int64_t r = 0; r < nr; ++r) hi[r] = pos0_ + t0 + r, lo[r] = first_key(hi[r]);
-            scores_tiny_rows<S>(q + (t0 * H + h) * dk, H * dk, kt + g * dk * ldk, ldk, kbase, lo, hi, nr, dk,
-                                s_.scale, ts, ls);
+            scores_tiny_rows<S>(q + (t0 * H + h) * dk, H * dk, kt + g * ncol * dk, kbase, lo, hi, nr, dk, s_.scale,
+                                ts, ls);
             for (int64_t r = 0; r < nr; ++r) {
                 const int64_t base = lo[r] - lo[r] % L;
                 softmax<S>(ts + r * ls + (base - kbase), base, lo[r], hi[r]);
             }
-            pv_rows<S>(ts, ls, kbase, vc + g * dv, kvv, lo, hi, nr, dv, o + (t0 * H + h) * dv, H * dv);
+            pv_rows<S>(ts, ls, kbase, vt + g * ncol * dv, ncol, lo, hi, nr, dv, o + (t0 * H + h) * dv, H * dv);
         }
         return;
     }

@@ -74,13 +74,12 @@ class Attention {
     int64_t n_ = 0, pos0_ = 0, kstart_ = 0, T_ = 0, group_ = 1;
     bool simd_ = false, batched_ = false, split_ = false;
     int64_t s_len_ = 0;           // scores of one row: T + slack, 16-aligned
-    int64_t kbase_ = 0, ldk_ = 0;  // batches: keys transposed [KV][dk][ldk], column pos - kbase
-    int64_t n_ktb_ = 0;           // batches: 64-key blocks of the transposition
+    int64_t kbase_ = 0, ncol_ = 0;  // batches: float K/V columns pos - kbase, ncol (64 | ncol)
     int64_t n_qb_ = 0;            // batches: blocks of QB query rows
     int64_t parts_ = 1, hpp_ = 1;  // one row, unsplit: (group, part of hpp heads) items
     int64_t pb_ = 0, n_pb_ = 0;   // one row, split: position blocks of the scores
     int64_t dc_ = 0, n_dc_ = 0;   // one row, split: output-dim chunks of P.V
-    Buf<float> kt_, s_all_;
+    Buf<float> kt_, vt_, s_all_;  // batches: K [KV][ncol/L][dk][L], V [KV][dv/L][ncol][L]
     std::vector<std::unique_ptr<Buf<float>>> scratch_;  // per thread
 };
 

@@ -48,10 +48,10 @@ def _inputs(mf: ModelFile, n: int, seed: int) -> np.ndarray:
 
 
 def _compare(
-    mf: ModelFile, cfg: dict, w: dict, steps=STEPS, n_threads: int = 2
+    mf: ModelFile, cfg: dict, w: dict, steps=STEPS, n_threads: int = 2, n_ctx: int = N_CTX
 ) -> tuple[float, int]:
     """Run both blocks over steps; assert agreement; return (max rel. diff, max cache ulps)."""
-    py, cc = PyBlock(cfg, w, N_CTX, CpuBackend()), _core.Block(cfg, w, N_CTX)
+    py, cc = PyBlock(cfg, w, n_ctx, CpuBackend()), _core.Block(cfg, w, n_ctx)
     worst, worst_ulp = 0.0, 0
     for i, (n, pos0) in enumerate(steps):
         x = _inputs(mf, n, seed=100 * i + pos0)
@@ -90,6 +90,18 @@ def test_sliding_window(model: str, request: pytest.FixtureRequest) -> None:
     cfg, w = block_cfg(mf.config, 0), block_weights(mf, 0)
     cfg["sliding_window"] = 4
     _compare(mf, cfg, w, steps=((7, 0), (1, 7), (1, 8), (6, 9), (1, 15), (20, 16), (1, 36)))
+
+
+@pytest.mark.parametrize(("model", "layer"), [("smollm", 0), ("gemma", 0), ("gemma", 5)])
+def test_long_context(model: str, layer: int, request: pytest.FixtureRequest) -> None:
+    """Past 512 cache rows: the split decode attention (scores by position block, P.V by output
+    dims) and batches at depth (keys and values converted once, blocked); gemma's layer 0 has a
+    512-row sliding window, so its first rows fall out of it."""
+    mf = request.getfixturevalue(model)
+    cfg, w = block_cfg(mf.config, layer), block_weights(mf, layer)
+    steps = ((520, 0), (1, 520), (1, 521), (30, 522), (1, 552), (1, 553))
+    rel, ulp = _compare(mf, cfg, w, steps=steps, n_ctx=600)
+    print(f"\n{model} layer {layer}, 554 rows: max rel. diff {rel:.3g}, max cache diff {ulp} ulp")
 
 
 def test_window_changes_the_result(smollm: ModelFile) -> None:

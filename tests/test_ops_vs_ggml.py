@@ -115,10 +115,12 @@ def test_swiglu(ggml) -> None:  # noqa: ANN001
     np.testing.assert_array_equal(ours.view(np.uint32), y.view(np.uint32))
 
 
-def _ggml_attention(ggml, q, k_cache, v_cache, pos0, window, scale, n_kv=256):  # noqa: ANN001
-    """llama.cpp's non-flash attention graph on cache cells 0..n_kv-1 (cell = position)."""
+def _ggml_attention(ggml, q, k_cache, v_cache, pos0, window, scale):  # noqa: ANN001
+    """llama.cpp's non-flash attention graph on cache cells 0..n_kv-1 (cell = position), n_kv
+    padded to 256 as llama.cpp pads it."""
     base, lib = ggml
     n, H, dk = q.shape
+    n_kv = -(-(pos0 + n) // 256) * 256
     KV = k_cache.shape[1] // dk
     dv = v_cache.shape[1] // KV
     ctx = base.ggml_init(InitParams(256 << 20, None, False))
@@ -163,6 +165,8 @@ def _ggml_attention(ggml, q, k_cache, v_cache, pos0, window, scale, n_kv=256):  
         (24, 0, 0, 64, (9, 3)),  # batch: tinyBLAS tiles
         (20, 150, 0, 256, (4, 1)),
         (19, 120, 50, 64, (4, 2)),  # sliding window
+        (1, 700, 0, 64, (9, 3)),  # past 512 cells: n_kv 768
+        (12, 530, 512, 256, (4, 1)),  # gemma3's 512-cell window at depth
     ],
 )
 def test_attention_graph(ggml, n, pos0, window, dk, heads) -> None:  # noqa: ANN001
