@@ -134,14 +134,14 @@ class ChatSession:
     def reply(self, user_text: str) -> str:
         """Stream the model's answer to `user_text`; Ctrl-C ends it early."""
         self.messages.append({"role": "user", "content": user_text})
-        window = self.window()
-        if self._count(window) > self.budget():
-            return self._refuse(user_text)
-        if self.first_recent > len(self.head()):
-            self._note_shift()
         pieces: list[str] = []
-        options = dict(self.sampling, context_shift=True, n_keep=self._n_keep())
-        try:
+        try:  # Ctrl-C while the prompt is prepared or evaluated stops the reply just the same
+            window = self.window()
+            if self._count(window) > self.budget():
+                return self._refuse(user_text)
+            if self.first_recent > len(self.head()):
+                self._note_shift()
+            options = dict(self.sampling, context_shift=True, n_keep=self._n_keep())
             for piece in self.runner.chat(window, stream=True, **options):
                 pieces.append(piece)
                 self.out.write(piece)
@@ -225,5 +225,8 @@ def run_repl(session: ChatSession, read: Callable[[str], str] = input) -> None:
         except KeyboardInterrupt:
             session.out.write("\n")
             continue
-        if not session.handle(line):
-            return
+        try:
+            if not session.handle(line):
+                return
+        except KeyboardInterrupt:  # Ctrl-C during a command: back to the prompt
+            session.out.write("\n")

@@ -18,7 +18,7 @@ def test_two_questions_an_interrupt_and_exit(smollm_path: str) -> None:
         child.expect("> ")
         child.sendline("What is the capital of France? Answer in one word.")
         child.expect("Paris")
-        child.expect(r"tok/s\]")  # --verbose: speeds after each reply
+        child.expect(r"generation: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\)\]")  # --verbose: speeds
         child.expect("> ")
 
         child.sendline("/help")
@@ -26,6 +26,7 @@ def test_two_questions_an_interrupt_and_exit(smollm_path: str) -> None:
         child.expect("> ")
 
         child.sendline("Write a very long story about a dragon who learns to code.")
+        child.expect("learns to code.\r\n")  # the terminal's echo of the line
         child.expect(r"\w+ \w+ \w+ \w+ \w+")  # the reply is streaming
         child.sendintr()  # Ctrl-C: stop this reply, back to the prompt
         child.expect(r"\[stopped\]")

@@ -99,3 +99,20 @@ def test_reset_and_system_commands_and_the_loop() -> None:
     assert _user_texts(session.messages) == ["hello"]
     assert "unknown command '/bogus'" in out.getvalue()
     assert next(lines) == "never read"  # /exit left the loop
+
+
+class InterruptedRunner(WordRunner):
+    """Ctrl-C arrives before the first piece (while the prompt is evaluated)."""
+
+    def chat(self, messages: list[dict[str, str]], stream: bool = True, **options: Any) -> Iterator[str]:
+        raise KeyboardInterrupt
+        yield ""  # a generator, as Runner.chat(stream=True)
+
+
+def test_ctrl_c_before_the_first_piece_stops_the_reply_and_the_chat_goes_on() -> None:
+    runner, out = InterruptedRunner(n_ctx=200), io.StringIO()
+    session = ChatSession(runner, {}, out=out)
+    assert session.reply("a question") == ""
+    assert "[stopped]" in out.getvalue()
+    assert session.messages == [{"role": "user", "content": "a question"},
+                                {"role": "assistant", "content": ""}]  # fmt: skip
