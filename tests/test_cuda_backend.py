@@ -289,3 +289,42 @@ def test_out_of_memory_is_device_error(smollm: ModelFile, cp: Any, CudaBackend: 
     finally:
         pool.set_limit(size=old_limit)
     assert info.value.asked_bytes == m.raw.nbytes  # type: ignore[attr-defined]
+
+
+# --- every type, every decode width, prefill shapes ----------------------------------------
+ALL_TYPES = [*QUANT_TYPES, T.F32, T.F16, T.BF16]
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_matmul_decode_1_to_32_and_prefill_vs_cpu(gpu: Any, cpu: CpuBackend, qtype: T) -> None:
+    """n = 1..32 (matrix-vector kernels: 1-row and 8-row launches, every remainder) and prefill
+    widths (dequantize + cuBLAS) against the CPU kernels and a float64 reference. 8-bit
+    activations on both sides part ~1e-2 on random data; f16 activations ~1e-3."""
+    rng = np.random.default_rng(int(qtype))
+    m, w = _random_matrix(qtype, 40, 768, rng)  # 768: K-types get 3 blocks per row
+    dev = gpu.load_matrix(m)
+    x = _rows(130, 768, seed=int(qtype))
+    for n in [*range(1, 33), 33, 64, 130]:
+        got = gpu.to_host(gpu.matmul(dev, gpu.from_host(x[:n])))
+        exact = x[:n].astype(np.float64) @ w.T
+        if qtype == T.F32 and n <= 32:
+            limit = 1e-5  # f32 weights and activations, only the summation order differs
+        elif n > 32 or qtype in (T.F16, T.BF16):
+            limit = 3e-3
+        else:
+            limit = 2e-2
+        assert _rel(got, exact) < limit, n
+        # the CPU rounds its activations its own way (q8_0/q8_1/q8_K, or f16 for F16 weights)
+        cpu_limit = 3e-2 if qtype in QUANT_TYPES else 2 * limit
+        assert _rel(got, cpu.matmul(m, x[:n])) < cpu_limit, n
+
+
+@pytest.mark.parametrize("qtype", [*QUANT_TYPES, T.BF16], ids=lambda t: t.name)
+def test_dequantize_to_f16_is_exact(gpu: Any, qtype: T) -> None:
+    """The prefill path's f16 weights equal gguf's dequantization rounded to f16 (values: Q3_K
+    and Q6_K give +0 where gguf gives -0)."""
+    rng = np.random.default_rng(100 + int(qtype))
+    m, w = _random_matrix(qtype, 24, 512, rng)
+    dev = gpu.load_matrix(m)
+    got = gpu.to_host(gpu._weight_f16(dev))  # (24, 512) f16 scratch -> f32, exact
+    np.testing.assert_array_equal(got, w.astype(np.float16).astype(np.float32))
