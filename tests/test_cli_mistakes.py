@@ -77,6 +77,7 @@ BAD_RUN_OPTIONS = [
     (["--frequency-penalty", "-3"], "--frequency-penalty"),
     (["--seed", "-2"], "--seed"), (["--seed", "x"], "--seed"),
     (["-ngl", "-2"], "--n-gpu-layers"), (["-ngl", "many"], "--n-gpu-layers"),
+    (["--keep", "-5"], "--keep"), (["--keep", "all"], "--keep"),
 ]  # fmt: skip
 
 
