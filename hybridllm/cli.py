@@ -22,7 +22,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from . import catalog
-from .errors import ConfigError, ContextFullError, HybridLLMError, ModelNotFoundError
+from .errors import ConfigError, ContextFullError, DeviceError, HybridLLMError, ModelNotFoundError
 from .options import OPTIONS, cli_text, cli_type
 
 console = Console()
@@ -32,6 +32,9 @@ Command = Callable[[argparse.Namespace], int]
 DEBUG_ENV = "HYBRIDLLM_DEBUG"
 #: Exit statuses: a mistake in the command line, a run that failed.
 EXIT_USAGE, EXIT_FAILED = 2, 1
+#: Errors that mean the command asked for something wrong: a bad value, a model that is not
+#: there, a GPU placement (-ngl) this machine has no device or memory for.
+USAGE_ERRORS = (ConfigError, ModelNotFoundError, DeviceError)
 
 
 def _human(n: float) -> str:
@@ -481,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if debug:
                 traceback.print_exc()
             _error(_describe(exc, debug))
-            return EXIT_USAGE if isinstance(exc, ConfigError | ModelNotFoundError) else EXIT_FAILED
+            return EXIT_USAGE if isinstance(exc, USAGE_ERRORS) else EXIT_FAILED
 
 
 def _describe(exc: Exception, debug: bool) -> str:
