@@ -146,13 +146,14 @@ def test_out_of_memory_at_load_replans(device: Any, tiny_llama_path: str) -> Non
 
 
 def test_out_of_memory_mid_prompt(device: Any, tiny_llama_path: str) -> None:
-    """After loading, a prompt whose activations no longer fit raises (never a wrong answer),
-    and the same Runner answers as the CPU does once memory is back."""
+    """After loading, a prompt whose activations no longer fit raises DeviceError (never a
+    wrong answer, never CuPy's own error), and the same Runner answers as the CPU does once
+    memory is back. (Runner re-plans only at load; a mid-prompt re-plan is runner.py's to add.)"""
     r = Runner(tiny_llama_path, n_ctx=64, n_threads=2, n_gpu_layers="all", gpu_margin=0)
     tokens = r.tokenize(PROMPT)
     pool = device.get_default_memory_pool()
     pool.set_limit(size=pool.used_bytes() + 1024)
-    with pytest.raises((DeviceError, device.cuda.memory.OutOfMemoryError)):
+    with pytest.raises(DeviceError, match="out of memory"):
         r.logits(tokens)
     pool.set_limit(size=0)
     ref = Runner(tiny_llama_path, n_ctx=64, n_threads=2, n_gpu_layers=0).logits(tokens)
