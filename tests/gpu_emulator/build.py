@@ -29,7 +29,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "cuda_emu.h"
 KERNEL_SOURCE = HERE.parents[1] / "hybridllm" / "backends" / "cuda_kernels.cu"
-MAX_DYN_SHARED = 48 * 1024  # bytes; CuPy asks for no more unless a kernel attribute is set
+MAX_DYN_SHARED = 48 * 1024
+#: Extra g++ flags, e.g. "-fsanitize=undefined -fno-sanitize-recover=all" (misaligned vector
+#: loads, shifts past the width, signed overflow in the kernels); part of the cache key.
+#: AddressSanitizer does not follow the emulator's own stack switches, so it is not offered.
+EXTRA_FLAGS_ENV = "HYBRIDLLM_EMU_CFLAGS"  # bytes; CuPy asks for no more unless a kernel attribute is set
 
 #: PTX opcode -> (emulator function, output constraint, input constraints)
 PTX_OPS: dict[str, tuple[str, str, str]] = {
@@ -170,9 +174,9 @@ def cache_dir() -> Path:
 def build(source_path: Path = KERNEL_SOURCE) -> tuple[Path, list[KernelSig], list[str]]:
     """Compile (or reuse) the emulated kernels; -> (.so path, kernel signatures, extern shared names)."""
     source = source_path.read_text()
-    key = hashlib.sha256(
-        (source + HEADER.read_text() + Path(__file__).read_text()).encode()
-    ).hexdigest()[:16]
+    extra = os.environ.get(EXTRA_FLAGS_ENV, "").split()
+    key_text = source + HEADER.read_text() + Path(__file__).read_text() + " ".join(extra)
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     out_dir = cache_dir() / key
     so = out_dir / "kernels.so"
     sigs = kernel_signatures(source_path)
@@ -189,7 +193,7 @@ def build(source_path: Path = KERNEL_SOURCE) -> tuple[Path, list[KernelSig], lis
     with tempfile.NamedTemporaryFile(dir=out_dir, suffix=".so", delete=False) as tmp:
         cmd = [
             "g++", "-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing",
-            "-fno-omit-frame-pointer", "-Wno-unknown-pragmas", "-o", tmp.name, str(launcher),
+            "-fno-omit-frame-pointer", "-Wno-unknown-pragmas", *extra, "-o", tmp.name, str(launcher),
         ]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode:
