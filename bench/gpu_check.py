@@ -282,7 +282,11 @@ def run(args: argparse.Namespace) -> int:
         pytest_args = shlex.split(args.pytest) if args.pytest else ["-m", "gpu", "tests"]
         bench_args = shlex.split(args.bench) if args.bench else ["--pp", "512", "--tg", "128", "--reps", "3", "--layers", "all"]
     step_env(c)
-    step_setup(c)
+    if not c.emulated and c.env.get("devices", "0") == "0":
+        c.step("setup").status = "FAILED"
+        c.steps[-1].detail = "CuPy sees no CUDA device here; on a machine without a GPU use --emulated"
+    else:
+        step_setup(c)
     if c.steps[-1].status == "ok":
         steps = {
             "nvrtc": lambda: step_nvrtc(c),
