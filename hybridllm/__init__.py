@@ -15,10 +15,22 @@ from .errors import (
     ModelNotFoundError,
     UnsupportedTensorTypeError,
 )
-from .runner import Runner
-from .tokenizer import IncrementalDecoder, Tokenizer
 
 __version__ = "0.1.0"
+
+#: Public names loaded on first use (PEP 562): `hybridllm.cli` starts without numba, so a
+#: mistake on the command line is answered at once; `from hybridllm import Runner` is unchanged.
+_LAZY = {"Runner": "runner", "Tokenizer": "tokenizer", "IncrementalDecoder": "tokenizer"}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hybridllm' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "ConfigError",
