@@ -168,9 +168,9 @@ class ChatSession:
         self.messages.pop()
         tokens = len(self.runner.chat_tokens([{"role": "user", "content": user_text}]))
         self._say(
-            f"(your message has {tokens} tokens; with --ctx {self.runner.n_ctx} a message can have "
-            f"at most about {self.budget()}. It was not sent: shorten it, or restart with a larger "
-            "--ctx; the up arrow brings it back)"
+            f"(your message takes {tokens} tokens with the chat template around it; --ctx "
+            f"{self.runner.n_ctx} leaves room for about {self.budget()}. It was not sent: shorten it, "
+            "or restart with a larger --ctx; the up arrow brings it back)"
         )
         return ""
 
