@@ -193,3 +193,16 @@ def test_real_kernels_give_the_same_bits_in_every_fiber_order(backend: Any) -> N
                 assert np.array_equal(got, want), (order, seed, i)
     finally:
         emu.set_order("forward")
+
+
+def test_a_kernel_writing_past_an_allocation_is_caught(cupy_module: Any) -> None:
+    """store_f16 told to write 8 more elements than the cache holds: the canary after the
+    allocation changes and the launch fails (a GPU would corrupt a neighbour silently)."""
+    cp = cupy_module
+    if not hasattr(cp, "POOL"):
+        pytest.fail("run under the emulator: HYBRIDLLM_GPU_TESTS=emulated")
+    src, cache = cp.asarray(np.ones(72, np.float32)), cp.zeros((4, 16), cp.float16)
+    store = cp.RawModule(code="").get_function("store_f16")
+    store((1,), (256,), (src, cache, np.int64(0), np.int64(64)))  # exactly the cache: fine
+    with pytest.raises(cp.cuda.runtime.CUDARuntimeError, match="out of bounds of the allocation passed as cache"):
+        store((1,), (256,), (src, cache, np.int64(0), np.int64(72)))

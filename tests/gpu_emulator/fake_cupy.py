@@ -50,18 +50,30 @@ class CompileException(Exception):
     pass
 
 
+_GUARD = 256  # canary bytes before and after every allocation (kernel writes out of bounds)
+_CANARY = 0xA5
+
+
 class _Allocation:
-    """One device allocation: an aligned slice of a host buffer, registered while alive."""
+    """One device allocation: an aligned slice of a host buffer, registered while alive, with
+    a canary of _GUARD bytes on each side that kernel launches check afterwards."""
 
     def __init__(self, nbytes: int) -> None:
-        raw = np.empty(nbytes + _ALIGN, np.uint8)
-        start = (-raw.ctypes.data) % _ALIGN
+        raw = np.empty(nbytes + 2 * _GUARD + _ALIGN, np.uint8)
+        start = (-(raw.ctypes.data + _GUARD)) % _ALIGN + _GUARD
         self.buf = raw[start : start + nbytes]
+        self.before = raw[start - _GUARD : start]
+        self.after = raw[start + nbytes : start + nbytes + _GUARD]
+        self.before[:] = _CANARY
+        self.after[:] = _CANARY
         self.ptr = self.buf.ctypes.data
         self.nbytes = nbytes
         self.charged = (max(nbytes, 1) + _POOL_ROUND - 1) // _POOL_ROUND * _POOL_ROUND
         POOL._charge(self)
         weakref.finalize(self, POOL._release, self.ptr, self.charged)
+
+    def guards_intact(self) -> bool:
+        return bool((self.before == _CANARY).all() and (self.after == _CANARY).all())
 
 
 class MemoryPool:
@@ -326,6 +338,12 @@ class RawFunction:
             POOL.find(a.data.ptr, 0, f"{self.name}({p.name})")  # a live allocation
             pointers.append(a.data.ptr)
         emu.launch(self.name, grid, block, tuple(args), pointers, shared_mem)
+        for p, a in zip(sig.params, args, strict=False):
+            if p.is_pointer and not a._mem.guards_intact():
+                raise CUDARuntimeError(
+                    f"{self.name}: wrote out of bounds of the allocation passed as {p.name} "
+                    f"({a._mem.nbytes} bytes; within {_GUARD} bytes before or after it)"
+                )
 
 
 class RawModule:
