@@ -33,7 +33,8 @@ MAX_DYN_SHARED = 48 * 1024
 #: Extra g++ flags, e.g. "-fsanitize=undefined -fno-sanitize-recover=all" (misaligned vector
 #: loads, shifts past the width, signed overflow in the kernels); part of the cache key.
 #: AddressSanitizer does not follow the emulator's own stack switches, so it is not offered.
-EXTRA_FLAGS_ENV = "HYBRIDLLM_EMU_CFLAGS"  # bytes; CuPy asks for no more unless a kernel attribute is set
+EXTRA_FLAGS_ENV = "HYBRIDLLM_EMU_CFLAGS"
+ORDER_ENV = "HYBRIDLLM_EMU_ORDER"  # bytes; CuPy asks for no more unless a kernel attribute is set
 
 #: PTX opcode -> (emulator function, output constraint, input constraints)
 PTX_OPS: dict[str, tuple[str, str, str]] = {
@@ -217,6 +218,9 @@ class Emulator:
             fn.restype = ctypes.c_void_p
             self._dyn[name] = fn()
         self.launches = 0
+        # HYBRIDLLM_EMU_ORDER=reverse|random[:seed] runs a whole test session in that fiber order
+        order, _, seed = os.environ.get(ORDER_ENV, "forward").partition(":")
+        self.set_order(order, int(seed or 0))
 
     def set_order(self, order: str, seed: int = 0) -> None:
         """Order in which a block's runnable fibers are resumed: forward, reverse or random."""

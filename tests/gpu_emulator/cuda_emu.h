@@ -91,6 +91,7 @@ struct State {
     int bar_arrived = 0;
     int bar_line = -1;
     int n_done = 0;
+    unsigned long long events = 0;  // arrivals and exits: a pass without one is a deadlock
     bool error = false;
     std::string message;
     Order order = kForward;
@@ -164,6 +165,7 @@ inline void yield_to_scheduler() {
     s.cur->done = true;
     s.warps[s.cur->linear >> 5].done |= 1u << (s.cur->linear & 31);
     ++s.n_done;
+    ++s.events;
     emu_switch(&s.cur->sp, s.sched_sp);
     __builtin_unreachable();
 }
@@ -194,6 +196,7 @@ inline void syncthreads(int line) {
                   std::to_string(s.bar_line) + " (divergent barrier)");
     }
     const unsigned long long gen = s.bar_gen;
+    ++s.events;
     if (++s.bar_arrived == s.nthreads) {
         s.bar_arrived = 0;
         ++s.bar_gen;
@@ -226,6 +229,7 @@ inline unsigned long long exchange(unsigned mask, unsigned long long v, int src_
     const unsigned long long gen = w.gen;
     w.slot[gen & 1][lane] = v;
     w.arrived |= 1u << lane;
+    ++s.events;
     if (w.arrived == mask) {
         w.arrived = 0;
         ++w.gen;
@@ -272,10 +276,9 @@ inline int run_block(State& s) {
     for (int i = 0; i < n; ++i) order[i] = s.order == kReverse ? n - 1 - i : i;
     while (s.n_done < n) {
         if (s.order == kRandom) std::shuffle(order.begin(), order.end(), s.rng);
-        const unsigned long long bar_before = s.bar_gen;
-        unsigned long long warp_before = 0;
-        for (auto& w : s.warps) warp_before += w.gen + __builtin_popcount(w.arrived);
-        const int done_before = s.n_done, arrived_before = s.bar_arrived;
+        // progress is counted, not inferred from the barrier/warp state: a completed exchange
+        // and the next one's arrivals can leave that state as it was
+        const unsigned long long events_before = s.events;
         for (int i : order) {
             Fiber& f = s.fibers[i];
             if (f.done) continue;
@@ -286,10 +289,7 @@ inline int run_block(State& s) {
             emu_switch(&s.sched_sp, f.sp);
             if (s.error) return 1;
         }
-        unsigned long long warp_after = 0;
-        for (auto& w : s.warps) warp_after += w.gen + __builtin_popcount(w.arrived);
-        if (s.n_done < n && s.bar_gen == bar_before && warp_after == warp_before &&
-            s.n_done == done_before && s.bar_arrived == arrived_before) {
+        if (s.n_done < n && s.events == events_before) {
             s.error = true;
             s.message = "deadlock: threads wait at a barrier or shuffle the others never reach";
             return 1;

@@ -82,3 +82,15 @@ ptx_ops(const float* f, u16* h, const u16* hin, float* fout, const int* a, const
     asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(acc) : "r"(a[i]), "r"(b[i]), "r"(d[i]));
     d[i] = acc;
 }
+
+// One warp shuffles many times while the other warps already wait at the barrier (attn_rows
+// with a single key): progress in one warp only, which the scheduler must not call a deadlock.
+extern "C" __global__ void __launch_bounds__(128)
+one_warp_reduces(float* out) {
+    float v = (float)threadIdx.x;
+    if (threadIdx.x < 32)
+        for (int r = 0; r < 8; ++r)
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    out[threadIdx.x] = v;
+}
