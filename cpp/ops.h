@@ -89,12 +89,6 @@ constexpr float kE0 = 0x1.0e4020p-7f, kE1 = 0x1.573e2ep-5f, kE2 = 0x1.555e66p-3f
                 kE3 = 0x1.fffdb6p-2f, kE4 = 0x1.ffffecp-1f;
 constexpr float kShift = 0x1.8p23f;  // adding it rounds to an integer
 
-inline float bits_f32(uint32_t b) {
-    float f;
-    std::memcpy(&f, &b, 4);
-    return f;
-}
-
 inline uint32_t f32_bits(float f) {
     uint32_t b;
     std::memcpy(&b, &f, 4);
@@ -120,12 +114,12 @@ inline float v_expf_avx2(float x) {
     const float n = z - kShift;
     const float b = std::fma(-n, kLn2Lo, std::fma(-n, kLn2Hi, x));
     const uint32_t e = f32_bits(z) << 23;
-    const float k = bits_f32(e + 0x3f800000u);  // 2^n for |n| <= 126
+    const float k = bits_to_f32(e + 0x3f800000u);  // 2^n for |n| <= 126
     const float u = b * b;
     const float j = std::fma(std::fma(std::fma(kE0, b, kE1), u, std::fma(kE2, b, kE3)), u, kE4 * b);
     if (!(std::fabs(n) > 126.0f)) return std::fma(j, k, k);
     const uint32_t g = n <= 0.0f ? 0x82000000u : 0u;
-    const float s1 = bits_f32(g + 0x7f000000u), s2 = bits_f32(e - g);
+    const float s1 = bits_to_f32(g + 0x7f000000u), s2 = bits_to_f32(e - g);
     if (std::fabs(n) > 192.0f) return s1 * s1;
     return std::fma(s2, j, s2) * s1;
 }
