@@ -252,12 +252,14 @@ void tile32(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t 
     for (int64_t b = 0; b < nb; ++b) {
         __m256i u[NW];
         __m256 dw[NW];
+        float mw[NW];  // the block's min (formats with one); d and m are read once for 4 rows
 #pragma GCC unroll 2
         for (int r = 0; r < NW; ++r) {
             const uint8_t* blk = w + r * rb + b * kB;
             if ((b & 15) == 0) prefetch_ahead(blk, 16 * kB);
             u[r] = F::ucodes(blk);
             dw[r] = _mm256_set1_ps(load_f16(blk));
+            if constexpr (F::kMin) mw[r] = load_f16(blk + 2);
         }
 #pragma GCC unroll 4
         for (int i = 0; i < NA; ++i) {
@@ -271,7 +273,7 @@ void tile32(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t 
                 const __m256i dot = dot_u8s8_acc(lanes0, u[r], av);
                 acc[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], da), _mm256_cvtepi32_ps(dot), acc[r][i]);
                 if constexpr (F::kMin)
-                    summs[r][i] = __builtin_fmaf(load_f16(w + r * rb + b * kB + 2), as[i * nb + b], summs[r][i]);
+                    summs[r][i] = __builtin_fmaf(mw[r], as[i * nb + b], summs[r][i]);
             }
         }
     }
