@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from hybridllm.models.tiny import TINY_LLAMA, write_tiny_model
+from hybridllm.models.tiny import TINY_GEMMA3, TINY_LLAMA, TinySpec, write_tiny_model
 
 from hybridllm import catalog
 
@@ -39,13 +39,25 @@ def real_model_path(request: pytest.FixtureRequest) -> str:
     return _model_path(request.param)
 
 
+def _tiny_model(factory: pytest.TempPathFactory, vocab_from: str, spec: TinySpec) -> str:
+    """A tiny random-weight model of `spec` with vocab_from's vocabulary, written once per session."""
+    path = factory.getbasetemp() / f"tiny-{spec.arch}.gguf"
+    if not path.exists():
+        write_tiny_model(path, vocab_from, spec)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, smollm_path: str) -> str:
-    """A tiny random-weight llama GGUF with SmolLM2's vocabulary, written once per session."""
-    path = tmp_path_factory.getbasetemp() / "tiny-llama.gguf"
-    if not path.exists():
-        write_tiny_model(path, smollm_path, TINY_LLAMA)
-    return str(path)
+    """A tiny random-weight llama GGUF with SmolLM2's vocabulary."""
+    return _tiny_model(tmp_path_factory, smollm_path, TINY_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_path(tmp_path_factory: pytest.TempPathFactory, smollm_path: str) -> str:
+    """A tiny random-weight gemma3 GGUF with SmolLM2's vocabulary (49k rows of head, not 262k:
+    the emulated GPU runs it too)."""
+    return _tiny_model(tmp_path_factory, smollm_path, TINY_GEMMA3)
 
 
 # --- the GPU tests: a real device through CuPy, else the SIMT emulator (tests/gpu_emulator) ---

@@ -20,21 +20,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hybridllm.models.tiny import TINY_GEMMA3, write_tiny_model
 
 from hybridllm.errors import DeviceError
 from hybridllm.runner import Runner
 
 pytestmark = pytest.mark.gpu
 PROMPT = "The quick brown fox jumps over the lazy dog. In the beginning"
-
-
-@pytest.fixture(scope="session")
-def tiny_gemma3_path(tmp_path_factory: pytest.TempPathFactory, smollm_path: str) -> str:
-    path = tmp_path_factory.getbasetemp() / "tiny-gemma3.gguf"
-    if not path.exists():
-        write_tiny_model(path, smollm_path, TINY_GEMMA3)
-    return str(path)
 
 
 @pytest.fixture

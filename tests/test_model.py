@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-from hybridllm.models.tiny import TINY_GEMMA3, write_tiny_model
 
 import hybridllm.model as model_mod
 from hybridllm.backends.cpu import CpuBackend, Matrix, RopeSpec, _round_f16, rope_table
@@ -268,13 +267,8 @@ def test_make_block_uses_python_block_when_forced(
     assert isinstance(blk.w["attn_q"], Matrix)
 
 
-def test_tiny_gemma_writes_and_loads(
-    tmp_path_factory: pytest.TempPathFactory, gemma_path: str
-) -> None:
-    path = tmp_path_factory.getbasetemp() / "tiny-gemma3.gguf"
-    if not path.exists():
-        write_tiny_model(path, gemma_path, TINY_GEMMA3)
-    mf = ModelFile(path)
+def test_tiny_gemma_writes_and_loads(tiny_gemma3_path: str) -> None:
+    mf = ModelFile(tiny_gemma3_path)
     assert mf.config.arch == "gemma3" and mf.config.swa_layers == (True,) * 5 + (False,)
     logits = Model(mf, n_ctx=32).forward([2, 100, 200, 300], 0, first_logit=0)
     assert logits.shape == (4, mf.config.n_vocab) and np.isfinite(logits).all()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hybridllm.models.tiny import TINY_GEMMA3, TINY_LLAMA, write_tiny_model
 
 from hybridllm.runner import Runner
 
@@ -160,14 +159,8 @@ def test_perplexity_matches(pair: Pair, record_property) -> None:  # noqa: ANN00
 
 # --- tiny synthetic models ----------------------------------------------------------------------
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
-def tiny_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pair:
-    spec, source = (
-        (TINY_LLAMA, "smollm_path") if request.param == "llama" else (TINY_GEMMA3, "gemma_path")
-    )
-    path = tmp_path_factory.getbasetemp() / f"tiny-{request.param}.gguf"
-    if not path.exists():
-        write_tiny_model(path, request.getfixturevalue(source), spec)
-    return Pair(str(path), n_ctx=128)
+def tiny_pair(request: pytest.FixtureRequest) -> Pair:
+    return Pair(request.getfixturevalue(f"tiny_{request.param}_path"), n_ctx=128)
 
 
 def test_tiny_models_match_llama_cpp(tiny_pair: Pair, record_property) -> None:  # noqa: ANN001
