@@ -98,7 +98,8 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["hybridllm", "hybridllm.kernels", "hybridllm.backends", "hybridllm.models"],
+    packages=["hybridllm", "hybridllm.kernels", "hybridllm.backends", "hybridllm.models",
+              "hybridllm.tokenizer"],
     # The catalog's data lives in the top-level models/ folder and installs as hybridllm.models.
     package_dir={"hybridllm.models": "models"},
     package_data={"hybridllm.models": ["*.json"]},

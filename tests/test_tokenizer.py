@@ -24,7 +24,7 @@ import pytest
 
 from hybridllm.errors import ModelFormatError
 from hybridllm.tokenizer import Tokenizer, gguf_tokenizer_metadata
-from hybridllm.tokenizer_merge import _merge_heap, _merge_rescan, bytes_to_unicode, merge
+from hybridllm.tokenizer.merge import _merge_heap, _merge_rescan, bytes_to_unicode, merge
 
 CORPUS_PATH = Path(__file__).parent / "data" / "tokenizer_corpus.json"
 CORPUS: dict[str, Any] = json.loads(CORPUS_PATH.read_text(encoding="utf-8"))

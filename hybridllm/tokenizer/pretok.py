@@ -4,7 +4,7 @@ llama.cpp splits text with a *list* of regexes applied one after the other: the 
 the text into pieces (matches and the unmatched gaps between them alike), each later regex
 splits every piece again, and a piece edge acts as the end of the string for lookaheads. We
 do the same with the standard `re` module, spelling \\p{L}, \\p{N}, \\p{P} and \\s out as
-explicit classes built from llama.cpp's Unicode 15.1 tables (see tokenizer_unicode.py).
+explicit classes built from llama.cpp's Unicode 15.1 tables (see unicode.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import bisect
 import re
 from dataclasses import dataclass
 
-from .errors import ModelFormatError
-from .tokenizer_unicode import LETTER, NUMBER, PUNCTUATION, WHITESPACE
+from ..errors import ModelFormatError
+from .unicode import LETTER, NUMBER, PUNCTUATION, WHITESPACE
 
 
 def _parse_ranges(ranges: str) -> list[tuple[int, int]]:

@@ -4,7 +4,7 @@ Goal: the same ids as llama.cpp (`llama_tokenize`) and the same text as llama-cp
 `Llama.detokenize`, built from GGUF metadata alone. The pipeline mirrors llama.cpp:
 
 1. split special tokens out of the text (user-defined ones always; control ones only with
-   `special=True`), see tokenizer_vocab.SpecialSplitter;
+   `special=True`), see vocab.SpecialSplitter;
 2. `gpt2`: pre-tokenize each raw fragment with the regexes of `tokenizer.ggml.pre`, map the
    UTF-8 bytes of each piece to GPT-2's printable byte alphabet and merge by merge rank;
    `llama`: turn spaces into U+2581 (with an optional leading one) and merge characters by
@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelFormatError
-from .tokenizer_merge import bytes_to_unicode, merge
-from .tokenizer_pretok import PreTokenizer, resolve_pre
-from .tokenizer_vocab import (
+from ..errors import ModelFormatError
+from .merge import bytes_to_unicode, merge
+from .pretok import PreTokenizer, resolve_pre
+from .vocab import (
     Attr,
     SpecialSplitter,
     apply_strip_rules,
@@ -537,7 +537,7 @@ def gguf_tokenizer_metadata(source: str | os.PathLike[str] | Any) -> dict[str, A
     """The `Tokenizer.from_metadata` keyword arguments stored in a GGUF (path or open reader)."""
     reader = source
     if isinstance(source, (str, os.PathLike)):
-        from .gguf_file import open_reader  # bounded, and bulk-reads the 262k-entry arrays
+        from ..gguf_file import open_reader  # bounded, and bulk-reads the 262k-entry arrays
 
         reader = open_reader(source)
     meta = _GGUFMeta(reader)
