@@ -1,0 +1,463 @@
+"""The engine: sequence slots over one model and a scheduler that serves many requests at once.
+
+    engine = Engine(runner.model, runner.tokenizer, n_slots=4)
+    engine.start()
+    handle = engine.submit(Request(prompt_ids, SamplingState(Sampler.create(...)), emit=print))
+    ...
+    handle.cancel()
+
+Each slot has its own KV cache (its own blocks over the same weights: the C++ block keeps raw
+pointers into the memory map, PyBlock shares its loaded weights, so a slot costs only its
+cache) and remembers the tokens that cache holds. A new request takes the free slot with the
+longest cached prefix of its prompt and evaluates only the rest, so a follow-up chat turn costs
+its new tokens. Requests beyond the slots wait in a bounded queue, in arrival order.
+
+The scheduler runs in its own thread (the forward is C++ that releases the GIL, so an event
+loop in another thread stays responsive). Each tick it samples one token for every decoding
+sequence (round robin), then evaluates those tokens plus one chunk of at most `prefill_chunk`
+tokens of one prompt being prefilled, so a long prompt never freezes the other streams.
+`_evaluate` takes the tick's work as rows of (slot, tokens, pos0): today it runs one forward
+per slot; a batched forward over several sequences' rows slots in there, under the same
+interface. Results come back through each request's `emit(event)` callback, called on the
+engine thread: `Piece` (text and the tokens behind it) and finally `Finished` or `Failed`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .generate import StopStrings, common_prefix
+from .model import PyBlock, block_cfg, block_weights
+from .sampling import Sampler
+
+#: Prompt tokens evaluated per tick for one sequence (llama-server's n_ubatch is 512; smaller
+#: chunks keep other streams' inter-token gaps short while a long prompt is prefilled).
+PREFILL_CHUNK = 128
+
+
+class QueueFullError(RuntimeError):
+    """Every slot is busy and the waiting queue holds its maximum."""
+
+
+class Constraint(Protocol):
+    """A per-request constraint on the tokens (a structured-output matcher, e.g. llguidance's):
+    it masks the logits before sampling and is told each token chosen."""
+
+    def mask_logits(self, logits: np.ndarray) -> np.ndarray: ...
+
+    def accept_token(self, token: int) -> None: ...
+
+
+@dataclass
+class SamplingState:
+    """A request's own sampling state: its sampler (with its own seeded RNG) and constraint."""
+
+    sampler: Sampler
+    constraint: Constraint | None = None
+
+    def choose(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        if self.constraint is not None:
+            logits = self.constraint.mask_logits(logits)
+        token = self.sampler(logits, history)
+        if self.constraint is not None:
+            self.constraint.accept_token(token)
+        return token
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A generated token; logprob/top only when the request asked for logprobs (natural log,
+    over the model's raw logits, as llama-server reports them)."""
+
+    id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """New text, and the tokens sampled since the last piece (text held back by a possible stop
+    string arrives with a later piece)."""
+
+    text: str
+    tokens: tuple[TokenInfo, ...]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens reused from the slot's cache (not evaluated)
+    prompt_seconds: float
+    generation_seconds: float
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" (end of generation token or stop string), "length", "cancelled"
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = Piece | Finished | Failed
+
+
+@dataclass
+class Request:
+    """One generation: prompt ids, how to sample, when to stop, where the events go."""
+
+    prompt: list[int]
+    sampling: SamplingState
+    emit: Callable[[Event], None]
+    max_tokens: int | None = None  # None: until a stop or the slot's context is full
+    stop: Sequence[str] = ()
+    stop_ids: Collection[int] = ()  # end-of-generation ids (empty: ignore_eos)
+    n_logprobs: int | None = None  # None: off; 0: the chosen token's; k: also the top k
+
+
+class RequestHandle:
+    """What `submit` returns: cancel() frees the request's slot at the next tick."""
+
+    def __init__(self, engine: Engine, request: Request) -> None:
+        self._engine, self.request = engine, request
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self._engine.cancel(self)
+
+
+@dataclass
+class Slot:
+    """A KV cache (the blocks of `model`) and the tokens it holds, positions 0..len-1."""
+
+    index: int
+    model: Any
+    tokens: list[int] = field(default_factory=list)
+    last_used: int = 0
+    busy: bool = False
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.model.n_ctx)
+
+
+class _Sequence:
+    """An admitted request's progress in its slot."""
+
+    def __init__(self, handle: RequestHandle, slot: Slot, tokenizer: Any) -> None:
+        self.handle, self.request, self.slot = handle, handle.request, slot
+        prompt = self.request.prompt
+        # Keep at least one token to evaluate: sampling needs the logits after the last one.
+        self.cached = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        del slot.tokens[self.cached :]
+        self.pending: list[int] = list(prompt[self.cached :])  # prompt tokens not yet evaluated
+        self.logits: np.ndarray | None = None  # after the last evaluated token, once prefilled
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = StopStrings(list(self.request.stop))
+        self.generated = 0
+        self.unsent: list[TokenInfo] = []
+        self.t_start = time.perf_counter()
+        self.prompt_seconds = 0.0
+
+
+class Engine:
+    """Slots, a waiting queue and the scheduler thread; see the module docstring."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        n_slots: int = 1,
+        max_queue: int = 64,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ) -> None:
+        """model: a loaded `Model` (slot 0 uses its cache, the others get their own blocks)."""
+        if n_slots < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("n_slots and prefill_chunk must be >= 1, max_queue >= 0")
+        self.tokenizer, self.max_queue, self.prefill_chunk = tokenizer, max_queue, prefill_chunk
+        self.slots = [Slot(0, model)] + [
+            Slot(i, model_with_own_cache(model)) for i in range(1, n_slots)
+        ]
+        self.n_ctx = int(model.n_ctx)
+        self._waiting: deque[RequestHandle] = deque()
+        self._active: list[_Sequence] = []
+        self._prefill_turn = 0  # round robin among sequences still prefilling
+        self._clock = itertools.count(1)
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- public surface (any thread) ----------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="hybridllm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, request: Request) -> RequestHandle:
+        """Queue a request (QueueFullError when the queue is full, ValueError for a prompt that
+        is empty or does not fit in a slot's context)."""
+        if not request.prompt:
+            raise ValueError("the prompt has no tokens")
+        if len(request.prompt) > self.n_ctx:
+            raise ValueError(
+                f"the prompt has {len(request.prompt)} tokens, more than the context of "
+                f"{self.n_ctx} tokens per slot holds"
+            )
+        handle = RequestHandle(self, request)
+        with self._wake:
+            n_free = sum(not s.busy for s in self.slots)
+            if len(self._waiting) >= self.max_queue + n_free:
+                raise QueueFullError(
+                    f"all {len(self.slots)} slots are busy and {len(self._waiting)} requests wait"
+                )
+            self._waiting.append(handle)
+            self._wake.notify()
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        with self._wake:
+            handle.cancelled = True
+            self._wake.notify()
+
+    def slot_states(self) -> list[dict[str, Any]]:
+        """For /slots and /health: each slot's index, context, cached tokens and whether busy."""
+        with self._wake:
+            return [
+                {
+                    "id": s.index,
+                    "n_ctx": s.n_ctx,
+                    "n_cached": len(s.tokens),
+                    "is_processing": s.busy,
+                }
+                for s in self.slots
+            ]
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self._waiting)
+
+    def generate(self, request_args: dict[str, Any]) -> Iterator[Event]:
+        """Submit a request and yield its events on this thread (for scripts and tests);
+        request_args are Request's fields but emit."""
+        import queue
+
+        events: queue.Queue[Event] = queue.Queue()
+        handle = self.submit(Request(emit=events.put, **request_args))
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if not isinstance(event, Piece):
+                    return
+        finally:
+            handle.cancel()
+
+    # --- the scheduler (engine thread) --------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._active and not self._waiting:
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                self._drop_cancelled()
+                self._admit()
+            if self._active:
+                self._tick()
+        for seq in self._active:
+            self._finish(seq, "cancelled")
+
+    def _drop_cancelled(self) -> None:
+        for handle in [h for h in self._waiting if h.cancelled]:
+            self._waiting.remove(handle)
+            _send(handle.request, Finished("cancelled", Usage(0, 0, 0, 0.0, 0.0)))
+        for seq in [s for s in self._active if s.handle.cancelled]:
+            self._finish(seq, "cancelled")
+
+    def _admit(self) -> None:
+        """Waiting requests, in arrival order, into free slots: each takes the free slot with
+        the longest cached prefix of its prompt (ties: the least recently used)."""
+        while self._waiting:
+            free = [s for s in self.slots if not s.busy]
+            if not free:
+                return
+            handle = self._waiting.popleft()
+            prompt = handle.request.prompt
+            slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+            slot.busy, slot.last_used = True, next(self._clock)
+            self._active.append(_Sequence(handle, slot, self.tokenizer))
+
+    def _tick(self) -> None:
+        """Sample one token for each decoding sequence, then evaluate those tokens and one
+        prompt chunk together."""
+        work: list[tuple[_Sequence, list[int]]] = []
+        for seq in list(self._active):
+            if seq.logits is not None and not seq.handle.cancelled:
+                token = self._sample(seq)
+                if token is not None:
+                    work.append((seq, [token]))
+        prefilling = [s for s in self._active if s.pending and not s.handle.cancelled]
+        if prefilling:
+            seq = prefilling[self._prefill_turn % len(prefilling)]
+            self._prefill_turn += 1
+            chunk, seq.pending = (
+                seq.pending[: self.prefill_chunk],
+                seq.pending[self.prefill_chunk :],
+            )
+            work.append((seq, chunk))
+        for (seq, _tokens), result in zip(work, self._evaluate(work), strict=True):
+            if isinstance(result, Exception):
+                seq.slot.tokens.clear()  # the cache may hold part of the failed rows
+                self._fail(seq, f"evaluation failed: {result}")
+                continue
+            if not seq.pending:
+                if seq.logits is None:  # the prompt's last chunk: prefill done
+                    seq.prompt_seconds = time.perf_counter() - seq.t_start
+                seq.logits = result
+
+    def _evaluate(self, work: list[tuple[_Sequence, list[int]]]) -> list[Any]:
+        """Evaluate each row group (sequence, its tokens at the slot's next positions) ->
+        the logits after each group's last token, or the exception it raised. One forward per
+        sequence for now; a batched forward takes the same rows."""
+        results: list[Any] = []
+        for seq, tokens in work:
+            slot = seq.slot
+            try:
+                logits = slot.model.forward(tokens, len(slot.tokens))[-1]
+            except Exception as exc:  # noqa: BLE001 - one request's failure is its own
+                results.append(exc)
+                continue
+            slot.tokens.extend(tokens)
+            results.append(logits)
+        return results
+
+    def _sample(self, seq: _Sequence) -> int | None:
+        """Choose the next token; emit it; return it when the sequence goes on (its logits are
+        needed), None when the sequence finished."""
+        req, logits = seq.request, seq.logits
+        assert logits is not None
+        try:
+            token = req.sampling.choose(logits, seq.slot.tokens)
+        except Exception as exc:  # noqa: BLE001 - a constraint or sampler error ends this request
+            self._fail(seq, f"sampling failed: {exc}")
+            return None
+        if token in req.stop_ids:
+            self._flush(seq)
+            self._finish(seq, "stop")
+            return None
+        seq.generated += 1
+        seq.unsent.append(_token_info(token, logits, req.n_logprobs))
+        text, hit = seq.stops.feed(seq.decoder.feed(token))
+        if hit:
+            self._send_piece(seq, text)
+            self._finish(seq, "stop")
+            return None
+        if text:
+            self._send_piece(seq, text)
+        out_of_room = len(seq.slot.tokens) >= seq.slot.n_ctx
+        if out_of_room or (req.max_tokens is not None and seq.generated >= req.max_tokens):
+            hit = self._flush(seq)
+            self._finish(seq, "stop" if hit else "length")
+            return None
+        return token
+
+    def _flush(self, seq: _Sequence) -> bool:
+        """Send what the decoder and stop strings hold back -> whether a stop string matched."""
+        text, hit = seq.stops.feed(seq.decoder.flush())
+        if not hit:
+            text += seq.stops.flush()
+        if text or seq.unsent:
+            self._send_piece(seq, text)
+        return hit
+
+    def _send_piece(self, seq: _Sequence, text: str) -> None:
+        _send(seq.request, Piece(text, tuple(seq.unsent)))
+        seq.unsent = []
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        elapsed = time.perf_counter() - seq.t_start
+        usage = Usage(
+            prompt_tokens=len(seq.request.prompt),
+            completion_tokens=seq.generated,
+            cached_tokens=seq.cached,
+            prompt_seconds=seq.prompt_seconds,
+            generation_seconds=max(elapsed - seq.prompt_seconds, 0.0) if seq.generated else 0.0,
+        )
+        self._release(seq)
+        _send(seq.request, Finished(reason, usage))
+
+    def _fail(self, seq: _Sequence, message: str) -> None:
+        self._release(seq)
+        _send(seq.request, Failed(message))
+
+    def _release(self, seq: _Sequence) -> None:
+        if seq in self._active:
+            self._active.remove(seq)
+            seq.slot.busy = False
+            if seq.pending:  # stopped mid-prompt: the cache holds only what was evaluated
+                seq.pending = []
+
+
+def _send(request: Request, event: Event) -> None:
+    try:
+        request.emit(event)
+    except Exception:  # noqa: BLE001 - a receiver that went away must not stop the engine
+        pass
+
+
+def _token_info(token: int, logits: np.ndarray, n_logprobs: int | None) -> TokenInfo:
+    if n_logprobs is None:
+        return TokenInfo(token)
+    logits = np.asarray(logits, dtype=np.float64)
+    top = logits.max()
+    log_z = top + np.log(np.exp(logits - top).sum())
+    top_ids = np.argsort(-logits, kind="stable")[:n_logprobs] if n_logprobs > 0 else []
+    return TokenInfo(
+        token,
+        float(logits[token] - log_z),
+        tuple((int(i), float(logits[i] - log_z)) for i in top_ids),
+    )
+
+
+def model_with_own_cache(model: Any) -> Any:
+    """A Model sharing `model`'s weights, embedding and head, with blocks of its own KV cache.
+
+    The C++ block takes raw pointers into the memory-mapped weights (no copy: 7 extra block
+    sets of SmolLM2-135M at n_ctx 512 add 79 MiB of RSS, their KV caches' size); a PyBlock is
+    cloned with its loaded weights (host views or device arrays) shared and new caches."""
+    clone = copy.copy(model)
+    clone.blocks = [
+        _block_with_own_cache(block, model, layer) for layer, block in enumerate(model.blocks)
+    ]
+    return clone
+
+
+def _block_with_own_cache(block: Any, model: Any, layer: int) -> Any:
+    if isinstance(block, PyBlock):
+        clone = copy.copy(block)
+        be, cfg, n_ctx = block.backend, block.cfg, block.n_ctx
+        clone.k_cache = be.kv_cache(n_ctx, cfg["n_kv_heads"] * cfg["head_dim_k"])
+        clone.v_cache = be.kv_cache(n_ctx, cfg["n_kv_heads"] * cfg["head_dim_v"])
+        return clone
+    return type(block)(
+        block_cfg(model.config, layer), block_weights(model.file, layer), model.n_ctx
+    )
