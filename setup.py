@@ -110,10 +110,12 @@ setup(
         "jinja2>=3.1",
         "rich>=13",
         "prompt_toolkit>=3.0",
+        "llguidance>=1.9.1,<2",  # structured output (constrain.py); tested with 1.9.1
     ],
     extras_require={
         "gpu": ["cupy-cuda12x>=13"],
-        "test": ["pytest>=8", "ruff>=0.5", "pexpect>=4.8", "llama-cpp-python==0.3.36"],
+        "test": ["pytest>=8", "ruff>=0.5", "pexpect>=4.8", "llama-cpp-python==0.3.36",
+                 "jsonschema>=4.20"],
     },
     entry_points={"console_scripts": ["hybridllm=hybridllm.cli:main"]},
     ext_modules=core_extension(),

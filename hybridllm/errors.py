@@ -33,6 +33,12 @@ class ConfigError(HybridLLMError, ValueError):
     """An argument, option or environment value that cannot be used; the message names it."""
 
 
+class GrammarError(ConfigError):
+    """A structured-output constraint (JSON Schema, regex, grammar, choices, response_format) that
+    cannot be used: invalid, unsupported by llguidance, or matching nothing; the message quotes
+    llguidance's own words and names the argument."""
+
+
 class ContextLengthWarning(UserWarning):
     """n_ctx goes beyond the context the model was trained on: answers there may degrade."""
 

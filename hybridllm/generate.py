@@ -4,7 +4,10 @@
 prompt reuses the longest common prefix and evaluates only the rest, which is how later chat
 turns cost only their new tokens. `generate_tokens` owns the loop; `generate_text` turns its
 ids into UTF-8-safe text and applies stop strings, holding back any tail that could still
-become one so a stop string never reaches the caller, streamed or not.
+become one so a stop string never reaches the caller, streamed or not. With a structured-output
+`Constraint` (constrain.py), each step samples only tokens the grammar allows and generation ends
+once the grammar is complete; the next step's allowed tokens are computed on a worker thread
+while the model evaluates the token just sampled.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ContextFullError
+from .sampling import mask_logits
 
 
 @dataclass
@@ -28,7 +32,8 @@ class GenerationStats:
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0  # sampling + decode steps, not the caller's time
-    finish_reason: str = ""  # "eos", "stop" (a stop string), "length" or "context"
+    # "eos", "stop" (a stop string, or a structured-output grammar complete), "length", "context"
+    finish_reason: str = ""
     context_shifts: int = 0  # times a full context dropped old tokens to go on
 
     @property
@@ -124,6 +129,7 @@ def generate_tokens(
     stats: GenerationStats,
     context_shift: bool = False,
     n_keep: int | None = None,
+    constraint: Any = None,
 ) -> Iterator[int]:
     """Prefill the prompt, then yield sampled ids until a stop id, max_tokens or a full context.
 
@@ -131,22 +137,33 @@ def generate_tokens(
     (nothing would read its logits); a later prompt that continues it evaluates it then.
     With context_shift, a full context keeps its first n_keep tokens (default: the prompt when
     it fills at most half the context, else the first token) and drops half of the rest.
+    constraint (a constrain.Constraint, one per generation): only tokens it allows are sampled,
+    and generation ends ("stop") when its grammar is complete; its masks are computed on a
+    worker thread, the first during the prefill, each next one during the forward pass.
     """
     stats.prompt_tokens, stats.finish_reason = len(prompt), "length"
     t0 = time.perf_counter()
+    if constraint is not None:
+        constraint.start()
     logits, stats.cached_tokens = ctx.prefill(prompt)
     stats.prompt_seconds = time.perf_counter() - t0
     if n_keep is None:
         n_keep = len(prompt) if len(prompt) <= ctx.n_ctx // 2 else 1
     while max_tokens is None or stats.generated_tokens < max_tokens:
         t0 = time.perf_counter()
+        if constraint is not None:
+            logits = mask_logits(logits, constraint.allowed())
         token = sample(logits, ctx.tokens)
+        complete = constraint is not None and token not in stop_ids and constraint.advance(token)
         stats.generation_seconds += time.perf_counter() - t0
         if token in stop_ids:
             stats.finish_reason = "eos"
             return
         stats.generated_tokens += 1
         yield token
+        if complete:
+            stats.finish_reason = "stop"
+            return
         if max_tokens is not None and stats.generated_tokens >= max_tokens:
             return
         t0 = time.perf_counter()

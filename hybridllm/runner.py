@@ -2,6 +2,7 @@
 
     r = Runner("smollm2-135m", n_ctx=4096)
     r.generate("The capital of France is", max_tokens=16, temperature=0)
+    r.generate("Name a colour as JSON: ", json_schema={"type": "object", ...})  # structured output
     for piece in r.chat([{"role": "user", "content": "Hi!"}], stream=True): print(piece, end="")
 
 A Runner holds one KV cache: calls on it run one at a time (finish or drop a stream before
@@ -26,6 +27,7 @@ from . import kernels
 from .backends.cpu import CpuBackend
 from .backends.gpu_probe import GpuStatus, probe
 from .catalog import resolve_model
+from .constrain import Constraint, Grammar, compile_grammar
 from .errors import ConfigError, ContextLengthWarning, DeviceError, context_length_note
 from .generate import Context, GenerationStats, generate_text, generate_tokens
 from .gguf_file import ModelFile
@@ -212,9 +214,21 @@ class Runner:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stream: bool = False,
+        *,
+        json_schema: dict[str, Any] | str | None = None,
+        regex: str | None = None,
+        grammar: str | Grammar | None = None,
+        choices: Sequence[str] | None = None,
         **options: Any,
     ) -> str | Iterator[str]:
         """Complete prompt (special tokens in it are parsed, as llama-cpp-python does).
+
+        Structured output (at most one): json_schema (a dict or its JSON text), regex (matched
+        whole), grammar (llama.cpp GBNF or Lark text, or a Grammar from
+        constrain.compile_grammar), choices (a list of strings). Only tokens that keep the output
+        a possible match are sampled, and generation stops once it is a complete match that
+        nothing may extend (finish_reason "stop"). A bad constraint raises GrammarError
+        (a ValueError) at the call, quoting llguidance's message.
 
         options: repeat_last_n (64; 0 = off, -1 = the whole context), presence_penalty,
         frequency_penalty (0.0, -2..2), context_shift (False: a full context raises
@@ -225,8 +239,11 @@ class Runner:
         """
         ids = self.tokenize(prompt, add_bos=True, special=True) or self._bos()
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        constrained = compile_grammar(
+            json_schema=json_schema, regex=regex, grammar=grammar, choices=choices
+        )
         return self._complete(
-            ids, max_tokens, sampling, repeat_penalty, seed, stop, stream, options
+            ids, max_tokens, sampling, repeat_penalty, seed, stop, stream, options, constrained
         )
 
     def chat(
@@ -241,16 +258,29 @@ class Runner:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stream: bool = False,
+        *,
+        response_format: dict[str, Any] | None = None,
+        json_schema: dict[str, Any] | str | None = None,
+        regex: str | None = None,
+        grammar: str | Grammar | None = None,
+        choices: Sequence[str] | None = None,
         **options: Any,
     ) -> str | Iterator[str]:
         """Reply to a conversation, rendered with the model's chat template.
 
         The KV cache keeps the tokens of earlier turns, so only the new tokens are evaluated.
+        response_format: OpenAI's {"type": "json_object"} (any JSON object) or {"type":
+        "json_schema", "json_schema": {"schema": {...}}}; or, as in generate, one of
+        json_schema, regex, grammar, choices. The reply is constrained, the prompt is not.
         """
         ids = self.chat_tokens(messages) or self._bos()
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        constrained = compile_grammar(
+            json_schema=json_schema, regex=regex, grammar=grammar, choices=choices,
+            response_format=response_format,
+        )  # fmt: skip
         return self._complete(
-            ids, max_tokens, sampling, repeat_penalty, seed, stop, stream, options
+            ids, max_tokens, sampling, repeat_penalty, seed, stop, stream, options, constrained
         )
 
     def chat_tokens(
@@ -275,6 +305,7 @@ class Runner:
         stop: str | Sequence[str] | None,
         stream: bool,
         options: dict[str, Any],
+        constrained: Grammar | None = None,
     ) -> str | Iterator[str]:
         unknown = set(options) - _OPTIONS
         if unknown:
@@ -297,6 +328,8 @@ class Runner:
             seed=call_seed,
         )
         stop_ids = () if ignore_eos else self.tokenizer.eot_ids
+        # Built here, not in the lazy generator: a grammar that fails raises at the call.
+        constraint = None if constrained is None else self.constraint(constrained)
         self.last_stats = stats = GenerationStats()
         tokens = generate_tokens(
             self.context,
@@ -307,9 +340,14 @@ class Runner:
             stats,
             context_shift,
             n_keep=n_keep,
+            constraint=constraint,
         )
         pieces = generate_text(tokens, self.tokenizer, stop, stats)
         return pieces if stream else "".join(pieces)
+
+    def constraint(self, grammar: Grammar) -> Constraint:
+        """A fresh matcher for one generation with this model's vocabulary (one per request)."""
+        return Constraint(grammar, self.tokenizer, self.n_vocab)
 
     def _bos(self) -> list[int]:
         bos = self.tokenizer.bos_id

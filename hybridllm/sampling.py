@@ -1,10 +1,12 @@
 """Samplers: logits -> token id, composed like llama.cpp's default chain.
 
-    penalties -> top_k -> top_p -> min_p -> temperature -> sample
+    [grammar mask] -> penalties -> top_k -> top_p -> min_p -> temperature -> sample
 
 `make_sampler(temperature, top_k, top_p, min_p, seed)` returns a callable on a float32 logits
 vector (n_vocab,); temperature <= 0 means greedy. `make_logits_processors(...)` returns the
 penalty steps, which see the token history. `Sampler` bundles both for the generate loop.
+`mask_logits(logits, bits)` applies a structured-output constraint's allowed-token bitmask
+first (disallowed tokens get -inf), so every sampler setting works on what the grammar allows.
 Filters work on a candidate list (ids, logits) sorted by descending logit, as llama.cpp's
 `llama_token_data_array` after top_k, so each step costs O(k) after the first.
 """
@@ -22,6 +24,19 @@ from .options import check
 #: (ids, logits) of the surviving candidates, sorted by descending logit.
 Candidates = tuple[np.ndarray, np.ndarray]
 LogitsProcessor = Callable[[np.ndarray, Sequence[int]], np.ndarray]
+
+
+# --- grammar mask --------------------------------------------------------------------------
+def mask_logits(logits: np.ndarray, allowed_bits: np.ndarray) -> np.ndarray:
+    """A copy of logits (n_vocab,) with -inf where the bitmask forbids the token.
+
+    allowed_bits: int32 words, token i at bit i % 32 of word i // 32 (llguidance's layout); rows
+    past the mask's end (a logits row wider than the vocabulary) are forbidden too.
+    """
+    n_vocab = len(logits)
+    # Little-endian words: byte 0 holds bits 0..7, so unpacking bytes little-first gives token order.
+    bits = np.unpackbits(allowed_bits.view(np.uint8), bitorder="little", count=n_vocab)
+    return np.where(bits.astype(bool), logits, np.float32(-np.inf)).astype(np.float32, copy=False)
 
 
 # --- penalties ------------------------------------------------------------------------------

@@ -1,0 +1,317 @@
+"""Structured output: constrain generation to a JSON Schema, a regex, a grammar or a list of choices.
+
+The constraint engine is llguidance (the one llama.cpp itself can be built with). Three pieces:
+
+    grammar = compile_grammar(json_schema={...})        # checked once; immutable, shareable
+    constraint = Constraint(grammar, tokenizer, n_vocab)  # one per generation (own matcher state)
+    constraint.start(); bits = constraint.allowed(); constraint.advance(token) ...
+
+`compile_grammar` turns the user's input (JSON Schema, regex, Lark or llama.cpp GBNF text, a
+list of choices, OpenAI's response_format) into llguidance's grammar definition and refuses bad
+input with a GrammarError quoting llguidance's message. `lltokenizer` builds llguidance's view
+of our vocabulary (the bytes each token renders as, control tokens marked special, the
+end-of-generation ids as EOS) once per tokenizer. A `Constraint` wraps one LLMatcher: the
+allowed-token bitmask of the next step is computed on a worker thread (llguidance releases the
+GIL), so it overlaps the model's forward pass of the token just sampled.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import llguidance
+import numpy as np
+from llguidance.gbnf_to_lark import any_to_lark
+
+from .errors import GrammarError
+
+#: The keyword arguments that each give one kind of constraint (at most one per call).
+CONSTRAINT_ARGS = ("json_schema", "regex", "grammar", "choices", "response_format")
+#: llama.cpp's marker for special tokens in llguidance's vocabulary: such a token is never text.
+_SPECIAL_PREFIX = b"\xff"
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A checked constraint: llguidance's grammar definition and the argument it came from."""
+
+    option: str  # "json_schema", "regex", "grammar", "choices" or "response_format"
+    definition: str  # llguidance's grammar (JSON text), what LLMatcher is built from
+
+    def __str__(self) -> str:
+        return f"{self.option} constraint"
+
+
+# --- user input -> Grammar ----------------------------------------------------------------------
+def compile_grammar(
+    *,
+    json_schema: dict[str, Any] | str | None = None,
+    regex: str | None = None,
+    grammar: str | Grammar | None = None,
+    choices: Sequence[str] | None = None,
+    response_format: dict[str, Any] | None = None,
+) -> Grammar | None:
+    """The Grammar for at most one of the arguments, or None when none constrains the output.
+
+    json_schema: a dict or its JSON text. regex: Rust regex syntax, matched whole. grammar: Lark
+    or llama.cpp GBNF text (told apart by llguidance), or a Grammar compiled before. choices: the
+    strings the output may be, exactly. response_format: OpenAI's {"type": "text" | "json_object"
+    | "json_schema", "json_schema": {"schema": ...}} (a "schema" beside "json_object", as
+    llama-server accepts, constrains that object). Raises GrammarError naming the argument.
+    """
+    given = {
+        name: value
+        for name, value in zip(
+            CONSTRAINT_ARGS, (json_schema, regex, grammar, choices, response_format), strict=True
+        )
+        if value is not None
+    }
+    if len(given) > 1:
+        raise GrammarError(f"give at most one of {', '.join(CONSTRAINT_ARGS)}; got {' and '.join(given)}")
+    if not given:
+        return None
+    (option, value), = given.items()
+    if isinstance(value, Grammar):
+        return value
+    if option == "json_schema":
+        return _checked(option, _from_schema(option, value))
+    if option == "regex":
+        if not isinstance(value, str):
+            raise GrammarError(f"regex={value!r}: expected a string")
+        return _checked(option, llguidance.LLMatcher.grammar_from_regex(value))
+    if option == "grammar":
+        return _checked(option, _from_grammar_text(value))
+    if option == "choices":
+        return _checked(option, _from_choices(value))
+    return _from_response_format(value)
+
+
+def _from_schema(option: str, schema: object) -> str:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise GrammarError(f"{option}: not valid JSON ({exc})") from None
+    if isinstance(schema, bool):  # JSON Schema's `true` (anything) and `false` (nothing)
+        schema = {} if schema else {"not": {}}
+    if not isinstance(schema, dict):
+        raise GrammarError(f"{option}: expected a JSON Schema object, not {type(schema).__name__}")
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema)
+    except (ValueError, TypeError) as exc:
+        raise GrammarError(f"{option}: {exc}") from None
+
+
+def _from_grammar_text(text: object) -> str:
+    if not isinstance(text, str):
+        raise GrammarError(f"grammar={text!r}: expected Lark or GBNF text")
+    if not text.strip():
+        raise GrammarError("grammar: the grammar text is empty")
+    try:
+        lark = any_to_lark(text)
+    except Exception as exc:  # noqa: BLE001 - llguidance's converter raises bare Exceptions
+        raise GrammarError(f"grammar: cannot read the GBNF grammar: {exc}") from None
+    return llguidance.LLMatcher.grammar_from_lark(lark)
+
+
+def _from_choices(choices: object) -> str:
+    if isinstance(choices, str) or not isinstance(choices, Sequence):
+        raise GrammarError(f"choices={choices!r}: expected a list of strings")
+    if not choices or not all(isinstance(c, str) and c for c in choices):
+        raise GrammarError(f"choices={list(choices)!r}: expected a non-empty list of non-empty strings")
+    # Lark string literals take JSON's escapes; keep non-ASCII text as it is.
+    lark = "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+    return llguidance.LLMatcher.grammar_from_lark(lark)
+
+
+def _from_response_format(response_format: object) -> Grammar | None:
+    option = "response_format"
+    if not isinstance(response_format, dict):
+        raise GrammarError(f"{option}={response_format!r}: expected an object with a 'type'")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = response_format.get("schema", {"type": "object"})
+        return _checked(option, _from_schema(f"{option}.schema", schema))
+    if kind == "json_schema":
+        inner = response_format.get("json_schema")
+        if not isinstance(inner, dict) or "schema" not in inner:
+            raise GrammarError(
+                f'{option}: type "json_schema" needs "json_schema": {{"schema": {{...}}}}'
+            )
+        return _checked(option, _from_schema(f"{option}.json_schema.schema", inner["schema"]))
+    raise GrammarError(
+        f"{option}: type {kind!r} is not one of 'text', 'json_object', 'json_schema'"
+    )
+
+
+def _checked(option: str, definition: str) -> Grammar:
+    """A Grammar once llguidance accepts the definition (bad syntax, unsupported keywords ...)."""
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(definition)
+    if is_error:
+        raise GrammarError(f"{option}: {_first_line(messages[0])}")
+    return Grammar(option, definition)
+
+
+def _first_line(message: str) -> str:
+    """llguidance's message without the grammar dump some errors append (one line for the CLI)."""
+    return " ".join(message.strip().splitlines()[:3]) if message else "rejected by llguidance"
+
+
+# --- our vocabulary -> llguidance's ---------------------------------------------------------
+_tokenizers: weakref.WeakKeyDictionary[Any, dict[int, llguidance.LLTokenizer]] = (
+    weakref.WeakKeyDictionary()
+)
+_tokenizers_lock = threading.Lock()
+
+
+def lltokenizer(tokenizer: Any, n_vocab: int | None = None) -> llguidance.LLTokenizer:
+    """llguidance's tokenizer for ours, built once per (tokenizer, n_vocab) and cached.
+
+    n_vocab: the model's logits width when it differs from the vocabulary (extra rows are
+    tokens with no bytes, which no grammar allows). Building takes about a second for a 262k
+    vocabulary (Gemma 3); later requests reuse it.
+    """
+    n_vocab = int(n_vocab or tokenizer.n_vocab)
+    with _tokenizers_lock:  # two requests of a server must not build it twice
+        per_size = _tokenizers.setdefault(tokenizer, {})
+        if n_vocab not in per_size:
+            per_size[n_vocab] = _build_lltokenizer(tokenizer, n_vocab)
+        return per_size[n_vocab]
+
+
+class _VocabView:
+    """What llguidance.TokenizerWrapper reads: token bytes, special ids, BOS/EOS, encode(str)."""
+
+    def __init__(self, tokenizer: Any, n_vocab: int) -> None:
+        self._tokenizer = tokenizer
+        self.tokens = [_token_bytes(tokenizer, i) for i in range(tokenizer.n_vocab)]
+        self.tokens += [b""] * max(0, n_vocab - len(self.tokens))
+        self.special_token_ids = [
+            i for i, t in enumerate(self.tokens) if t.startswith(_SPECIAL_PREFIX)
+        ]
+        self.bos_token_id = tokenizer.bos_id
+        self.eos_token_id = _eos_ids(tokenizer)[0]
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):  # TokenizerWrapper probes with bytes: we take str only
+            raise TypeError("text only")
+        return self._tokenizer.encode(text, add_bos=False, special=False)
+
+
+def _token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The bytes a token adds to the decoded text. A token that decodes to nothing but has a text
+    (BOS, <|im_end|>, <unk>) is special, never text: b"\\xff" + its text, as llama.cpp marks it."""
+    visible = tokenizer.token_to_piece(token_id, special=False)
+    if visible:
+        return visible
+    text = tokenizer.token_to_piece(token_id, special=True)
+    return _SPECIAL_PREFIX + text if text else b""
+
+
+def _eos_ids(tokenizer: Any) -> list[int]:
+    """The ids that end generation: EOS first, then the other end-of-generation tokens."""
+    ids = sorted(tokenizer.eot_ids)
+    if tokenizer.eos_id in ids:
+        ids.remove(tokenizer.eos_id)
+        ids.insert(0, tokenizer.eos_id)
+    if not ids:
+        raise GrammarError("the model's vocabulary has no end-of-generation token to end a grammar")
+    return ids
+
+
+def _build_lltokenizer(tokenizer: Any, n_vocab: int) -> llguidance.LLTokenizer:
+    view = _VocabView(tokenizer, n_vocab)
+    return llguidance.LLTokenizer(
+        llguidance.TokenizerWrapper(view), n_vocab=n_vocab, eos_token=_eos_ids(tokenizer)
+    )
+
+
+# --- one generation's matcher ---------------------------------------------------------------
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _mask_executor() -> ThreadPoolExecutor:
+    """Worker threads computing masks while forward passes run (shared by all generations)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hybridllm-grammar")
+        return _executor
+
+
+class Constraint:
+    """One generation's LLMatcher: the allowed tokens of the next step, advanced token by token.
+
+    Use: start() (first mask computed in the background, e.g. during prefill); then per step
+    allowed() -> bitmask, sample, advance(token) -> whether the grammar is complete; advance
+    starts the next mask in the background, to overlap the forward pass of that token.
+    Not thread-safe: one generation drives it. A server holds one per request.
+    """
+
+    def __init__(self, grammar: Grammar, tokenizer: Any, n_vocab: int | None = None) -> None:
+        self.grammar = grammar
+        self.lltokenizer = lltokenizer(tokenizer, n_vocab)
+        self.n_vocab = self.lltokenizer.vocab_size
+        self.matcher = llguidance.LLMatcher(self.lltokenizer, grammar.definition, log_level=0)
+        self._raise_if_error()
+        # One bit per token, token i at bit i % 32 of word i // 32 (llguidance's layout).
+        self._bits = np.zeros((self.n_vocab + 31) // 32, dtype=np.int32)
+        self._pending: Future[None] | None = None
+        self.steps = 0  # tokens consumed
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete and nothing may follow (only EOS)."""
+        return self.matcher.is_stopped()
+
+    @property
+    def accepting(self) -> bool:
+        """The output so far is a whole match (it may stop here; more may still follow)."""
+        return self.matcher.is_accepting()
+
+    def start(self) -> None:
+        """Begin computing the mask of the next step on a worker thread."""
+        if self._pending is None:
+            self._pending = _mask_executor().submit(self._compute)
+
+    def allowed(self) -> np.ndarray:
+        """The bitmask (int32 words) of the tokens allowed next; waits for the computation."""
+        self.start()
+        assert self._pending is not None
+        self._pending.result()
+        self._raise_if_error()
+        if not self._bits.any():
+            where = "at the start" if self.steps == 0 else f"after {self.steps} tokens"
+            raise GrammarError(f"{self.grammar.option}: the grammar allows no token {where}")
+        return self._bits
+
+    def advance(self, token: int) -> bool:
+        """Consume a sampled token -> True when the grammar is complete (stop generating);
+        else the next mask starts computing in the background."""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+        if not self.matcher.consume_token(int(token)):
+            self._raise_if_error()
+        self.steps += 1
+        if self.matcher.is_stopped():
+            return True
+        self.start()
+        return False
+
+    def _compute(self) -> None:
+        # Runs on a worker thread; llguidance releases the GIL while it computes.
+        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+
+    def _raise_if_error(self) -> None:
+        if self.matcher.is_error():
+            raise GrammarError(f"{self.grammar.option}: {_first_line(self.matcher.get_error())}")
