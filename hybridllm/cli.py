@@ -1,4 +1,4 @@
-"""The `hybridllm` command: list | pull | info | plan | run | chat | perplexity | bench.
+"""The `hybridllm` command: list | pull | info | plan | run | chat | perplexity | bench | serve.
 
 Errors are one line on stderr, `error: ...`, naming the option, file or value at fault: exit
 status 2 for bad usage (an option, a missing model), 1 for a run that failed. A traceback shows
@@ -381,6 +381,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .server.app import ServerOptions, ServerState, serve
+
+    model = args.model
+    if model is None:
+        model = catalog.DEFAULT_MODEL
+        if not catalog.entry(model).present:
+            pull_with_progress(model)
+    path = Path(catalog.resolve_model(model))  # a missing model is a usage error before binding
+    options = ServerOptions(model_id=path.stem, n_parallel=args.parallel,
+                            max_queue=args.max_queue, api_key=args.api_key)  # fmt: skip
+    return serve(ServerState(lambda: open_runner(str(path), args), options), args.host, args.port)
+
+
 # --- entry point -----------------------------------------------------------------------------
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line, `error: ...` (no usage block), exit status 2."""
@@ -451,6 +467,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--repetitions", type=cli_type("repetitions"), default=3)
     add_runner_args(p)
     p.set_defaults(ctx=None)  # default: what the tests need
+
+    p = command("serve", cmd_serve, "an OpenAI-compatible HTTP server (many conversations at once)")
+    _model_arg(p, optional=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=cli_type("port"), default=8080, help="TCP port (default 8080)")
+    p.add_argument("-np", "--parallel", type=cli_type("n_parallel"), default=4,
+                   help="sequence slots served at once, each with its own --ctx context (default 4)")
+    p.add_argument("--max-queue", type=cli_type("max_queue"), default=64,
+                   help="requests that may wait for a slot; more are refused with 503 (default 64)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    add_runner_args(p)
 
     p = command("plan", cmd_plan, "show which blocks go to the GPU and where every byte goes")
     _model_arg(p)

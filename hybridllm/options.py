@@ -20,6 +20,8 @@ from .errors import ConfigError
 #: Largest context we accept: far beyond any model we run, small enough to refuse typos early.
 MAX_CTX = 1 << 24
 MAX_THREADS = 1024
+#: Server bounds: sequence slots, requests waiting for one, alternatives per token in logprobs.
+MAX_SLOTS, MAX_QUEUE, MAX_TOP_LOGPROBS = 256, 100_000, 20
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,10 @@ OPTIONS: dict[str, Option] = {
         Option("depth", "--n-depth", int, 0, MAX_CTX),
         Option("repetitions", "--repetitions", int, 1, 1000),
         Option("n_keep", "--keep", int, 0, MAX_CTX, specials={-1: "the whole prompt"}),
+        Option("n_parallel", "--parallel", int, 1, MAX_SLOTS),
+        Option("max_queue", "--max-queue", int, 0, MAX_QUEUE),
+        Option("port", "--port", int, 1, 65535),
+        Option("top_logprobs", "--top-logprobs", int, 0, MAX_TOP_LOGPROBS),
     )
 }
 
