@@ -30,6 +30,7 @@ import numpy as np
 from llguidance.gbnf_to_lark import any_to_lark
 
 from .errors import GrammarError
+from .sampling import mask_logits as _mask_logits
 
 #: The keyword arguments that each give one kind of constraint (at most one per call).
 CONSTRAINT_ARGS = ("json_schema", "regex", "grammar", "choices", "response_format")
@@ -73,7 +74,7 @@ def compile_grammar(
         if value is not None
     }
     if len(given) > 1:
-        raise GrammarError(f"give at most one of {', '.join(CONSTRAINT_ARGS)}; got {' and '.join(given)}")
+        raise GrammarError(" and ".join(given), f"give at most one of {', '.join(CONSTRAINT_ARGS)}")
     if not given:
         return None
     (option, value), = given.items()
@@ -83,7 +84,7 @@ def compile_grammar(
         return _checked(option, _from_schema(option, value))
     if option == "regex":
         if not isinstance(value, str):
-            raise GrammarError(f"regex={value!r}: expected a string")
+            raise GrammarError(option, f"expected a string, not {type(value).__name__}")
         return _checked(option, llguidance.LLMatcher.grammar_from_regex(value))
     if option == "grammar":
         return _checked(option, _from_grammar_text(value))
@@ -97,34 +98,36 @@ def _from_schema(option: str, schema: object) -> str:
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as exc:
-            raise GrammarError(f"{option}: not valid JSON ({exc})") from None
-    if isinstance(schema, bool):  # JSON Schema's `true` (anything) and `false` (nothing)
-        schema = {} if schema else {"not": {}}
+            raise GrammarError(option, f"not valid JSON ({exc})") from None
+    if schema is False:  # JSON Schema's `false`: nothing validates
+        raise GrammarError(option, "the schema false matches nothing")
+    if schema is True:  # JSON Schema's `true`: any JSON value
+        schema = {}
     if not isinstance(schema, dict):
-        raise GrammarError(f"{option}: expected a JSON Schema object, not {type(schema).__name__}")
+        raise GrammarError(option, f"expected a JSON Schema object, not {type(schema).__name__}")
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(schema)
     except (ValueError, TypeError) as exc:
-        raise GrammarError(f"{option}: {exc}") from None
+        raise GrammarError(option, str(exc)) from None
 
 
 def _from_grammar_text(text: object) -> str:
     if not isinstance(text, str):
-        raise GrammarError(f"grammar={text!r}: expected Lark or GBNF text")
+        raise GrammarError("grammar", f"expected Lark or GBNF text, not {type(text).__name__}")
     if not text.strip():
-        raise GrammarError("grammar: the grammar text is empty")
+        raise GrammarError("grammar", "the grammar text is empty")
     try:
         lark = any_to_lark(text)
     except Exception as exc:  # noqa: BLE001 - llguidance's converter raises bare Exceptions
-        raise GrammarError(f"grammar: cannot read the GBNF grammar: {exc}") from None
+        raise GrammarError("grammar", f"cannot read the GBNF grammar: {exc}") from None
     return llguidance.LLMatcher.grammar_from_lark(lark)
 
 
 def _from_choices(choices: object) -> str:
     if isinstance(choices, str) or not isinstance(choices, Sequence):
-        raise GrammarError(f"choices={choices!r}: expected a list of strings")
+        raise GrammarError("choices", f"expected a list of strings, not {type(choices).__name__}")
     if not choices or not all(isinstance(c, str) and c for c in choices):
-        raise GrammarError(f"choices={list(choices)!r}: expected a non-empty list of non-empty strings")
+        raise GrammarError("choices", f"{list(choices)!r}: expected a non-empty list of non-empty strings")
     # Lark string literals take JSON's escapes; keep non-ASCII text as it is.
     lark = "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
     return llguidance.LLMatcher.grammar_from_lark(lark)
@@ -133,7 +136,7 @@ def _from_choices(choices: object) -> str:
 def _from_response_format(response_format: object) -> Grammar | None:
     option = "response_format"
     if not isinstance(response_format, dict):
-        raise GrammarError(f"{option}={response_format!r}: expected an object with a 'type'")
+        raise GrammarError(option, f"{response_format!r}: expected an object with a 'type'")
     kind = response_format.get("type")
     if kind == "text":
         return None
@@ -143,20 +146,16 @@ def _from_response_format(response_format: object) -> Grammar | None:
     if kind == "json_schema":
         inner = response_format.get("json_schema")
         if not isinstance(inner, dict) or "schema" not in inner:
-            raise GrammarError(
-                f'{option}: type "json_schema" needs "json_schema": {{"schema": {{...}}}}'
-            )
+            raise GrammarError(option, 'type "json_schema" needs "json_schema": {"schema": {...}}')
         return _checked(option, _from_schema(f"{option}.json_schema.schema", inner["schema"]))
-    raise GrammarError(
-        f"{option}: type {kind!r} is not one of 'text', 'json_object', 'json_schema'"
-    )
+    raise GrammarError(option, f"type {kind!r} is not one of 'text', 'json_object', 'json_schema'")
 
 
 def _checked(option: str, definition: str) -> Grammar:
     """A Grammar once llguidance accepts the definition (bad syntax, unsupported keywords ...)."""
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(definition)
     if is_error:
-        raise GrammarError(f"{option}: {_first_line(messages[0])}")
+        raise GrammarError(option, _first_line(messages[0]))
     return Grammar(option, definition)
 
 
@@ -223,7 +222,7 @@ def _eos_ids(tokenizer: Any) -> list[int]:
         ids.remove(tokenizer.eos_id)
         ids.insert(0, tokenizer.eos_id)
     if not ids:
-        raise GrammarError("the model's vocabulary has no end-of-generation token to end a grammar")
+        raise GrammarError("grammar", "the model's vocabulary has no end-of-generation token to end it")
     return ids
 
 
@@ -251,9 +250,9 @@ def _mask_executor() -> ThreadPoolExecutor:
 class Constraint:
     """One generation's LLMatcher: the allowed tokens of the next step, advanced token by token.
 
-    Use: start() (first mask computed in the background, e.g. during prefill); then per step
-    allowed() -> bitmask, sample, advance(token) -> whether the grammar is complete; advance
-    starts the next mask in the background, to overlap the forward pass of that token.
+    Use: allowed() -> bitmask, sample, advance(token) -> whether the grammar is complete; advance
+    starts the next mask on a worker thread, to overlap the forward pass of that token. The first
+    mask is computed at construction, so a constraint that matches nothing fails there.
     Not thread-safe: one generation drives it. A server holds one per request.
     """
 
@@ -267,6 +266,9 @@ class Constraint:
         self._bits = np.zeros((self.n_vocab + 31) // 32, dtype=np.int32)
         self._pending: Future[None] | None = None
         self.steps = 0  # tokens consumed
+        self._compute()
+        self._check_mask()
+        self._ready = True  # _bits holds the mask of the next step
 
     @property
     def done(self) -> bool:
@@ -279,39 +281,60 @@ class Constraint:
         return self.matcher.is_accepting()
 
     def start(self) -> None:
-        """Begin computing the mask of the next step on a worker thread."""
-        if self._pending is None:
+        """Begin computing the mask of the next step on a worker thread (if not done yet)."""
+        if not self._ready and self._pending is None:
             self._pending = _mask_executor().submit(self._compute)
 
     def allowed(self) -> np.ndarray:
         """The bitmask (int32 words) of the tokens allowed next; waits for the computation."""
-        self.start()
-        assert self._pending is not None
-        self._pending.result()
-        self._raise_if_error()
-        if not self._bits.any():
-            where = "at the start" if self.steps == 0 else f"after {self.steps} tokens"
-            raise GrammarError(f"{self.grammar.option}: the grammar allows no token {where}")
+        if not self._ready:
+            self.start()
+            self._wait()
+            self._ready = True
+            self._check_mask()
         return self._bits
 
     def advance(self, token: int) -> bool:
         """Consume a sampled token -> True when the grammar is complete (stop generating);
         else the next mask starts computing in the background."""
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
+        self._wait()  # the worker must be done with the matcher before we change it
         if not self.matcher.consume_token(int(token)):
             self._raise_if_error()
         self.steps += 1
+        self._ready = False
         if self.matcher.is_stopped():
             return True
         self.start()
         return False
 
+    # The engine's per-request hook (engine.Constraint): mask before sampling, then the token.
+    def mask_logits(self, logits: np.ndarray) -> np.ndarray:
+        """A copy of logits with -inf for the tokens the grammar forbids next."""
+        return _mask_logits(logits, self.allowed())
+
+    def accept_token(self, token: int) -> None:
+        """advance(token); `done` then says whether the grammar is complete."""
+        self.advance(token)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
     def _compute(self) -> None:
-        # Runs on a worker thread; llguidance releases the GIL while it computes.
+        # Runs on a worker thread (but the first); llguidance releases the GIL while it computes.
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+
+    def _check_mask(self) -> None:
+        where = "at the start" if self.steps == 0 else f"after {self.steps} tokens"
+        if self.matcher.is_error():
+            detail = _first_line(self.matcher.get_error())
+            if self.steps == 0:  # e.g. NoExtension: no byte can begin a match
+                detail = f"it matches no text the model can write ({detail})"
+            raise GrammarError(self.grammar.option, detail)
+        if not self._bits.any():
+            raise GrammarError(self.grammar.option, f"the constraint allows no token {where}")
 
     def _raise_if_error(self) -> None:
         if self.matcher.is_error():
-            raise GrammarError(f"{self.grammar.option}: {_first_line(self.matcher.get_error())}")
+            raise GrammarError(self.grammar.option, _first_line(self.matcher.get_error()))

@@ -38,6 +38,11 @@ class GrammarError(ConfigError):
     cannot be used: invalid, unsupported by llguidance, or matching nothing; the message quotes
     llguidance's own words and names the argument."""
 
+    def __init__(self, option: str, detail: str) -> None:
+        super().__init__(f"{option}: {detail}")
+        self.option = option  # the argument at fault: "json_schema", "regex", "grammar", ...
+        self.detail = detail  # what is wrong, without the argument's name
+
 
 class ContextLengthWarning(UserWarning):
     """n_ctx goes beyond the context the model was trained on: answers there may degrade."""

@@ -138,13 +138,11 @@ def generate_tokens(
     With context_shift, a full context keeps its first n_keep tokens (default: the prompt when
     it fills at most half the context, else the first token) and drops half of the rest.
     constraint (a constrain.Constraint, one per generation): only tokens it allows are sampled,
-    and generation ends ("stop") when its grammar is complete; its masks are computed on a
-    worker thread, the first during the prefill, each next one during the forward pass.
+    and generation ends ("stop") when its grammar is complete; the mask of each next step is
+    computed on a worker thread during the forward pass of the token just sampled.
     """
     stats.prompt_tokens, stats.finish_reason = len(prompt), "length"
     t0 = time.perf_counter()
-    if constraint is not None:
-        constraint.start()
     logits, stats.cached_tokens = ctx.prefill(prompt)
     stats.prompt_seconds = time.perf_counter() - t0
     if n_keep is None:
