@@ -15,6 +15,7 @@ import traceback
 import typing
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -22,7 +23,14 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from rich.table import Table
 
 from . import catalog
-from .errors import ConfigError, ContextFullError, DeviceError, HybridLLMError, ModelNotFoundError
+from .errors import (
+    ConfigError,
+    ContextFullError,
+    DeviceError,
+    GrammarError,
+    HybridLLMError,
+    ModelNotFoundError,
+)
 from .options import OPTIONS, cli_text, cli_type
 
 console = Console()
@@ -255,6 +263,70 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--seed", type=cli_type("seed"), default=None, help="makes sampling reproducible (-1 = random)")  # fmt: skip
 
 
+#: Structured-output flags: the CLI flag of each constraint argument of Runner.generate/chat.
+STRUCTURED_FLAGS = {"json_schema": "--json-schema", "grammar": "--grammar-file", "regex": "--regex"}
+
+
+def add_structured_args(p: argparse.ArgumentParser) -> None:
+    """--json-schema / --grammar-file / --regex (one at most) on run and chat."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--json-schema", metavar="FILE|JSON", default=None,
+                       help="constrain the output to a JSON Schema: a file, or the schema's JSON text")
+    group.add_argument("--grammar-file", metavar="FILE", default=None,
+                       help="constrain the output to a llama.cpp GBNF (or Lark) grammar in FILE")
+    group.add_argument("--regex", metavar="REGEX", default=None,
+                       help="constrain the output to text that REGEX matches whole (Rust regex syntax)")  # fmt: skip
+
+
+def grammar_from_args(args: argparse.Namespace):  # noqa: ANN201 - a constrain.Grammar or None
+    """The compiled constraint of the structured-output flags (checked before the model loads)."""
+    from .constrain import compile_grammar
+
+    for option, flag in STRUCTURED_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if option == "regex":
+            text = value
+        elif option == "json_schema" and value.lstrip().startswith("{"):
+            text = value  # the schema itself, not a file name
+        else:
+            text = _read_text(flag, value)
+        try:
+            return compile_grammar(**{option: text})
+        except GrammarError as exc:
+            raise ConfigError(f"{flag} {_shown(value)}: {exc.detail}") from None
+    return None
+
+
+def check_grammar(runner, grammar, args: argparse.Namespace) -> None:  # noqa: ANN001
+    """Build the constraint once on the model's vocabulary: one that can match nothing fails
+    here, naming its flag, before any text is generated."""
+    if grammar is None:
+        return
+    try:
+        runner.constraint(grammar)
+    except GrammarError as exc:
+        flag = STRUCTURED_FLAGS[grammar.option]
+        value = getattr(args, flag[2:].replace("-", "_"))
+        raise ConfigError(f"{flag} {_shown(value)}: {exc.detail}") from None
+
+
+def _read_text(flag: str, path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{flag} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """A flag's value for an error line: one line, long JSON cut short."""
+    one_line = " ".join(value.split())
+    return one_line if len(one_line) <= limit else one_line[: limit - 3] + "..."
+
+
 def add_runner_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=cli_type("n_threads"), default=None,
                    help="CPU threads (default: physical cores)")
@@ -303,10 +375,13 @@ def open_runner(model: str, args: argparse.Namespace, n_ctx: int | None = None):
 def cmd_run(args: argparse.Namespace) -> int:
     from .repl import timings_line
 
+    grammar = grammar_from_args(args)
     runner = open_runner(args.model, args)
+    check_grammar(runner, grammar, args)
     sampling = sampling_from_args(args)
     pieces = runner.generate(args.prompt, stream=True, context_shift=args.context_shift,
-                             n_keep=args.keep, ignore_eos=args.ignore_eos, **sampling)  # fmt: skip
+                             n_keep=args.keep, ignore_eos=args.ignore_eos, grammar=grammar,
+                             **sampling)  # fmt: skip
     try:
         for piece in pieces:
             sys.stdout.write(piece)
@@ -327,13 +402,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .repl import ChatSession, run_repl
 
+    grammar = grammar_from_args(args)
     model = args.model
     if model is None:
         model = catalog.DEFAULT_MODEL
         if not catalog.entry(model).present:
             pull_with_progress(model)
     runner = open_runner(model, args)
-    session = ChatSession(runner, sampling_from_args(args), system=args.system, verbose=args.verbose)
+    check_grammar(runner, grammar, args)
+    sampling = sampling_from_args(args)
+    if grammar is not None:  # every reply is constrained
+        sampling["grammar"] = grammar
+    session = ChatSession(runner, sampling, system=args.system, verbose=args.verbose)
     run_repl(session)
     return 0
 
@@ -445,12 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "half the context, else 1; -1 = the whole prompt)")  # fmt: skip
     p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-text token")
     add_sampling_args(p, max_tokens=128)
+    add_structured_args(p)
     add_runner_args(p)
 
     p = command("chat", cmd_chat, "talk with a model using its chat template")
     _model_arg(p, optional=True)
     p.add_argument("--system", default=None, help="system message")
     add_sampling_args(p, max_tokens=512)
+    add_structured_args(p)
     add_runner_args(p)
 
     p = command("perplexity", cmd_perplexity, "perplexity of a text file (llama.cpp's method)")
