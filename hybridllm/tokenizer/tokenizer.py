@@ -147,7 +147,7 @@ class Tokenizer:
             "eom": eom_id,
         }
         given.update(extra_ids or {})
-        ids = _role_ids(model, n, given)
+        ids = _role_ids(model, pre, n, given)
         flags = _flags(model, pre, add_bos, add_eos, add_space_prefix)
         return cls(
             tokens=texts, attrs=attrs_from_types(token_types, n), scores=scores, merges=merges,
@@ -243,7 +243,7 @@ class Tokenizer:
             pair = (line[:cut], line[cut + 1 :]) if cut >= 0 else ("", "")
             self._ranks.setdefault(pair, rank)
         self._ignore_merges = ignore_merges
-        self._pretok = PreTokenizer(resolve_pre(self.pre).family)
+        self._pretok = PreTokenizer(resolve_pre(self.pre).regexes)
         self._byte_table = str.maketrans({chr(b): c for b, c in self._byte_map.items()})
         self._bpe_word = lru_cache(maxsize=_CACHE_WORDS)(self._bpe_word_uncached)
 
@@ -495,10 +495,15 @@ def _crosses_cut(text: str) -> bool:
     return False
 
 
-def _role_ids(model: str, n: int, given: dict[str, int | None]) -> dict[str, int | None]:
+def _role_ids(
+    model: str, pre: str | None, n: int, given: dict[str, int | None]
+) -> dict[str, int | None]:
     """Special ids: the given ones where valid, else llama.cpp's per-kind defaults."""
+    defaults = dict(_DEFAULT_IDS[model])
+    if model == "gpt2" and not resolve_pre(pre).default_bos:
+        del defaults["bos"]
     ids: dict[str, int | None] = {}
-    for role, default in _DEFAULT_IDS[model].items():
+    for role, default in defaults.items():
         ids[role] = default if default < n else None
     for role, tid in given.items():
         if tid is not None and 0 <= int(tid) < n:
