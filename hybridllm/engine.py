@@ -42,6 +42,8 @@ from .sampling import Sampler
 #: Prompt tokens evaluated per tick for one sequence (llama-server's n_ubatch is 512; smaller
 #: chunks keep other streams' inter-token gaps short while a long prompt is prefilled).
 PREFILL_CHUNK = 128
+#: A cached prefix must cover more than this share of a prompt to pick its slot.
+PREFIX_SIMILARITY = 0.5
 
 
 class QueueFullError(RuntimeError):
@@ -184,13 +186,13 @@ class Engine:
         max_queue: int = 64,
         prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
-        """model: a loaded `Model` (slot 0 uses its cache, the others get their own blocks)."""
+        """model: a loaded `Model`; each slot gets blocks with a KV cache of n_ctx rows."""
         if n_slots < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("n_slots and prefill_chunk must be >= 1, max_queue >= 0")
         self.tokenizer, self.max_queue, self.prefill_chunk = tokenizer, max_queue, prefill_chunk
-        self.slots = [Slot(0, model)] + [
-            Slot(i, model_with_own_cache(model)) for i in range(1, n_slots)
-        ]
+        # Every slot has a cache of its own, the model's included: the caller (a Runner) may
+        # still evaluate on the model's own cache.
+        self.slots = [Slot(i, model_with_own_cache(model)) for i in range(n_slots)]
         self.n_ctx = int(model.n_ctx)
         self._waiting: deque[RequestHandle] = deque()
         self._active: list[_Sequence] = []
@@ -294,15 +296,13 @@ class Engine:
             self._finish(seq, "cancelled")
 
     def _admit(self) -> None:
-        """Waiting requests, in arrival order, into free slots: each takes the free slot with
-        the longest cached prefix of its prompt (ties: the least recently used)."""
+        """Waiting requests, in arrival order, into free slots (see `_choose_slot`)."""
         while self._waiting:
             free = [s for s in self.slots if not s.busy]
             if not free:
                 return
             handle = self._waiting.popleft()
-            prompt = handle.request.prompt
-            slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+            slot = _choose_slot(free, handle.request.prompt)
             slot.busy, slot.last_used = True, next(self._clock)
             self._active.append(_Sequence(handle, slot, self.tokenizer))
 
@@ -417,6 +417,17 @@ class Engine:
                 seq.pending = []
 
 
+def _choose_slot(free: Sequence[Slot], prompt: Sequence[int]) -> Slot:
+    """The free slot whose cache holds the longest prefix of the prompt, when that prefix is
+    more than PREFIX_SIMILARITY of the prompt (a follow-up turn); else the least recently used
+    one, so that a new conversation does not evict another's cache for a shared BOS or system
+    prompt (llama-server's slot_prompt_similarity rule)."""
+    best = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+    if common_prefix(best.tokens, prompt) > PREFIX_SIMILARITY * len(prompt):
+        return best
+    return min(free, key=lambda s: s.last_used)
+
+
 def _send(request: Request, event: Event) -> None:
     try:
         request.emit(event)
@@ -459,5 +470,5 @@ def _block_with_own_cache(block: Any, model: Any, layer: int) -> Any:
         clone.v_cache = be.kv_cache(n_ctx, cfg["n_kv_heads"] * cfg["head_dim_v"])
         return clone
     return type(block)(
-        block_cfg(model.config, layer), block_weights(model.file, layer), model.n_ctx
+        block_cfg(model.config, layer), block_weights(model.file, layer, model.n_ctx), model.n_ctx
     )
