@@ -273,11 +273,13 @@ class Constraint:
     @property
     def done(self) -> bool:
         """The grammar is complete and nothing may follow (only EOS)."""
+        self._wait()
         return self.matcher.is_stopped()
 
     @property
     def accepting(self) -> bool:
         """The output so far is a whole match (it may stop here; more may still follow)."""
+        self._wait()
         return self.matcher.is_accepting()
 
     def start(self) -> None:
