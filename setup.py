@@ -99,7 +99,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=["hybridllm", "hybridllm.kernels", "hybridllm.backends", "hybridllm.models",
-              "hybridllm.tokenizer"],
+              "hybridllm.tokenizer", "hybridllm.server"],
     # The catalog's data lives in the top-level models/ folder and installs as hybridllm.models.
     package_dir={"hybridllm.models": "models"},
     package_data={"hybridllm.models": ["*.json"]},
@@ -111,11 +111,14 @@ setup(
         "rich>=13",
         "prompt_toolkit>=3.0",
         "llguidance>=1.9.1,<2",  # structured output (constrain.py); tested with 1.9.1
+        "starlette>=0.37",  # hybridllm serve (server/)
+        "uvicorn>=0.30",
+        "pydantic>=2.5",
     ],
     extras_require={
         "gpu": ["cupy-cuda12x>=13"],
         "test": ["pytest>=8", "ruff>=0.5", "pexpect>=4.8", "llama-cpp-python==0.3.36",
-                 "jsonschema>=4.20"],
+                 "jsonschema>=4.20", "openai==3.57.0", "httpx>=0.27"],
     },
     entry_points={"console_scripts": ["hybridllm=hybridllm.cli:main"]},
     ext_modules=core_extension(),
