@@ -34,6 +34,11 @@ from .sampling import mask_logits as _mask_logits
 
 #: The keyword arguments that each give one kind of constraint (at most one per call).
 CONSTRAINT_ARGS = ("json_schema", "regex", "grammar", "choices", "response_format")
+#: Whitespace allowed between JSON tokens: llama.cpp's json-schema-to-grammar rule (nothing, a
+#: space, or one or two newlines and up to 20 spaces or tabs of indent). llguidance's default has
+#: no bound, and a small model at temperature 0.8 can then write whitespace until max_tokens.
+#: A schema's own "x-guidance": {"whitespace_pattern": ...} still overrides it.
+JSON_WHITESPACE = r"([ ]|\n{1,2}[ \t]{0,20})?"
 #: llama.cpp's marker for special tokens in llguidance's vocabulary: such a token is never text.
 _SPECIAL_PREFIX = b"\xff"
 
@@ -106,7 +111,9 @@ def _from_schema(option: str, schema: object) -> str:
     if not isinstance(schema, dict):
         raise GrammarError(option, f"expected a JSON Schema object, not {type(schema).__name__}")
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema)
+        return llguidance.LLMatcher.grammar_from_json_schema(
+            schema, defaults={"whitespace_pattern": JSON_WHITESPACE}
+        )
     except (ValueError, TypeError) as exc:
         raise GrammarError(option, str(exc)) from None
 

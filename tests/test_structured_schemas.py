@@ -18,7 +18,7 @@ import llguidance
 import pytest
 
 from hybridllm import Runner
-from hybridllm.constrain import compile_grammar
+from hybridllm.constrain import Grammar, compile_grammar
 
 GRAMMARS = Path(__file__).parent / "data" / "grammars"
 SEEDS = (1, 2)
@@ -86,13 +86,13 @@ SCHEMAS: dict[str, dict] = {
         "required": ["event", "date"],
         "additionalProperties": False,
     },
-    "format_time_uuid": {
+    "format_uuid_date": {
         "type": "object",
         "properties": {
-            "at": {"type": "string", "format": "time"},
             "id": {"type": "string", "format": "uuid"},
+            "day": {"type": "string", "format": "date"},
         },
-        "required": ["at", "id"],
+        "required": ["id", "day"],
         "additionalProperties": False,
     },
     "optional_properties": {
@@ -295,10 +295,11 @@ def test_sampled_text_matches_the_gbnf_grammar(runner: Runner, file: str) -> Non
             json.loads(out)
 
 
-def assert_matches(grammar_text: str, data: bytes, complete: bool) -> None:
+def assert_matches(grammar: str | Grammar, data: bytes, complete: bool) -> None:
     """An independent check: llguidance's matcher over a one-byte-per-token vocabulary (so it
     does not share our token bytes), fed the output byte by byte."""
-    matcher = llguidance.LLMatcher(_byte_tokenizer(), compile_grammar(grammar=grammar_text).definition)
+    definition = compile_grammar(grammar=grammar).definition
+    matcher = llguidance.LLMatcher(_byte_tokenizer(), definition, log_level=0)
     assert matcher.consume_tokens(list(data)), (matcher.get_error(), data)
     if complete:
         assert matcher.is_accepting(), data
@@ -335,3 +336,14 @@ def test_the_byte_checker_refuses_what_the_grammar_does_not_match() -> None:
         assert_matches(grammar, b'{"a": ]', complete=False)
     with pytest.raises(AssertionError):
         assert_matches(grammar, b'{"a": [1, 2', complete=True)
+
+
+def test_json_whitespace_is_bounded_like_llama_cpp() -> None:
+    """Between JSON tokens: nothing, a space, or up to two newlines and 20 spaces or tabs."""
+    grammar = compile_grammar(json_schema={"type": "object", "properties": {"a": {"type": "integer"}}})
+    assert_matches(grammar, b'{"a":1}', complete=True)
+    assert_matches(grammar, b'{\n  "a": 1\n}', complete=True)
+    assert_matches(grammar, b'{\n\n' + b" " * 20 + b'"a": 1}', complete=True)
+    for loose in (b'{  "a": 1}', b'{\n\n\n"a": 1}', b'{\n' + b" " * 21 + b'"a"'):
+        with pytest.raises(AssertionError):
+            assert_matches(grammar, loose, complete=False)
