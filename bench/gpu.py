@@ -13,6 +13,7 @@ Writes, under --out (default bench/results/):
 
     python bench/gpu.py                       # both test models, k = 0, L/4, L/2, 3L/4, L
     python bench/gpu.py --layers all --reps 5 # every k from 0 to L
+    python bench/gpu.py --graphs              # tg also with decode steps as CUDA graphs
     python bench/gpu.py --simulate            # no GPU: HYBRIDLLM's simulated GPU (smoke test)
     python bench/gpu.py --emulated --pp 40 --tg 2 --layers 0,1   # no GPU: the real CUDA backend
                                               # on the tests' CuPy stand-in and SIMT emulator
@@ -49,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python")
     p.add_argument("--simulate", action="store_true", help="use the simulated GPU (CPU kernels), to test this script")
+    p.add_argument(
+        "--graphs", action="store_true",
+        help="for k > 0, time tg again with each decode step replayed as a CUDA graph (engine 'hybridllm graphs')",
+    )  # fmt: skip
     p.add_argument(
         "--emulated", action="store_true",
         help="run CudaBackend on the tests' CuPy stand-in (tests/gpu_emulator): the real kernels, very slowly",
@@ -101,8 +106,9 @@ def release_gpu_memory(simulate: bool) -> None:
         cupy.get_default_memory_pool().free_all_blocks()
 
 
-def bench_hybridllm(path: Path, k: int, args: argparse.Namespace) -> tuple[dict[str, list[float]], str]:
-    """tokens/s per test for the last k blocks on the GPU."""
+def bench_hybridllm(path: Path, k: int, args: argparse.Namespace, graphs: bool = False) -> tuple[dict[str, list[float]], str]:
+    """tokens/s per test for the last k blocks on the GPU; graphs: tg only, with the GPU run's
+    decode steps replayed as CUDA graphs (CudaBackend.graphs)."""
     from hybridllm.backends.cpu import CpuBackend
     from hybridllm.bench import time_generation, time_prompt
     from hybridllm.gguf_file import ModelFile
@@ -111,12 +117,14 @@ def bench_hybridllm(path: Path, k: int, args: argparse.Namespace) -> tuple[dict[
     mf = ModelFile(path)
     n_layers = mf.config.n_layers
     gpu, device = gpu_backend(args.simulate) if k else (None, "cpu")
+    if graphs:
+        gpu.graphs = True
     cpu = CpuBackend(args.threads)
     model = Model(mf, args.n_ctx, args.threads, backends=[cpu] * (n_layers - k) + [gpu] * k)
     time_prompt(model, min(args.pp or 32, 32))  # warm-up: kernel compilation, page-in, pools
     rates: dict[str, list[float]] = {}
     for test, n, timer in (("pp", args.pp, time_prompt), ("tg", args.tg, time_generation)):
-        if n > 0:
+        if n > 0 and not (graphs and test == "pp"):
             rates[f"{test}{n}"] = [n / timer(model, n, seed=r) for r in range(args.reps)]
     del model, gpu
     if k:  # k = 0 never touched the GPU (nor needs CuPy)
@@ -271,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
             rates, device = bench_hybridllm(path, k, args)
             rows += result_rows(label, "hybridllm", device, k, n_layers, rates)
             print(f"{label} k={k:2d} hybridllm  " + "  ".join(f"{t} {statistics.median(r):8.1f}" for t, r in rates.items()), flush=True)
+            if args.graphs and k and not args.simulate and args.tg:
+                rates, _ = bench_hybridllm(path, k, args, graphs=True)
+                rows += result_rows(label, "hybridllm graphs", device, k, n_layers, rates)
+                print(f"{label} k={k:2d} graphs     " + "  ".join(f"{t} {statistics.median(r):8.1f}" for t, r in rates.items()), flush=True)
             if llama_cpp is not None:
                 rates = bench_llama_cpp(llama_cpp, path, k, args)
                 rows += result_rows(label, "llama.cpp", device, k, n_layers, rates)

@@ -277,10 +277,10 @@ def run(args: argparse.Namespace) -> int:
     c = Check(args.emulated, out_dir)
     if args.emulated:
         pytest_args = shlex.split(args.pytest) if args.pytest else ["-m", "gpu", "-x", "tests/test_cuda_backend.py", "-k", "rms_norm or rope or store_kv or glu"]
-        bench_args = shlex.split(args.bench) if args.bench else ["--pp", "40", "--tg", "2", "--reps", "1", "--layers", "0,1", "--n-ctx", "64"]
+        bench_args = shlex.split(args.bench) if args.bench else ["--pp", "40", "--tg", "3", "--reps", "1", "--layers", "0,1", "--n-ctx", "64", "--graphs"]
     else:
         pytest_args = shlex.split(args.pytest) if args.pytest else ["-m", "gpu", "tests"]
-        bench_args = shlex.split(args.bench) if args.bench else ["--pp", "512", "--tg", "128", "--reps", "3", "--layers", "all"]
+        bench_args = shlex.split(args.bench) if args.bench else ["--pp", "512", "--tg", "128", "--reps", "3", "--layers", "all", "--graphs"]
     step_env(c)
     if not c.emulated and c.env.get("devices", "0") == "0":
         c.step("setup").status = "FAILED"

@@ -10,6 +10,7 @@ that a device backend providing the same ops runs the same block.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -249,9 +250,16 @@ class Model:
         """Embed a chunk and run it through every block -> (n, dim) float32 on the host."""
         x = self.embed(tokens)
         backend = None
-        for block, be in zip(self.blocks, self.backends, strict=True):
-            if be is not backend:  # crossing devices: move the residual stream
-                x = be.from_host(backend.to_host(x) if backend is not None else x)
-                backend = be
-            block.forward(x, pos0, self.n_threads or 0)
+        pairs = zip(self.blocks, self.backends, strict=True)
+        for _, run in itertools.groupby(pairs, key=lambda pair: id(pair[1])):  # blocks of one backend
+            blocks, backends = zip(*run, strict=True)
+            be = backends[0]
+            x = be.from_host(backend.to_host(x) if backend is not None else x)  # crossing devices
+            backend = be
+            forward_blocks = getattr(be, "forward_blocks", None)  # a device's own way (CUDA graphs)
+            if forward_blocks is not None:
+                forward_blocks(blocks, x, pos0, self.n_threads or 0)
+                continue
+            for block in blocks:
+                block.forward(x, pos0, self.n_threads or 0)
         return backend.to_host(x) if backend is not None else x

@@ -154,7 +154,8 @@ def gpu_scratch_bytes(
     what backends/cuda.py adds: the f16 dequantization scratch of the largest quantized matrix
     it holds (2 bytes an element), the rope cos/sin tables ((n_ctx, rope_dim/2) f32 each, one pair
     per distinct rope base among its blocks: gemma3's local and global layers differ), the GELU
-    table, and the f16 copies of a chunk (the probabilities next to the f32 scores, and the
+    table, the position table the kernels read their position from (an int32 per position),
+    and the f16 copies of a chunk (the probabilities next to the f32 scores, and the
     activations cuBLAS reads), and with the head the logits of every row of a chunk (scoring
     asks for all of them).
     """
@@ -172,7 +173,8 @@ def gpu_scratch_bytes(
     widest = max(config.dim, config.ffn_dim, config.q_dim, config.n_heads * config.head_dim_v)
     f16 = 2 * chunk * (config.n_heads * n_ctx + widest + config.q_dim)
     logits = 4 * config.n_vocab * (chunk - 1) if head_gpu else 0  # every row's logits, not one
-    return scratch_bytes(config, n_ctx, chunk, logits=head_gpu) + 2 * dequant + rope + gelu + f16 + logits
+    positions = 4 * n_ctx
+    return scratch_bytes(config, n_ctx, chunk, logits=head_gpu) + 2 * dequant + rope + gelu + f16 + logits + positions
 
 
 def plan(

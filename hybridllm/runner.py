@@ -12,6 +12,7 @@ one (the next chat turn) evaluates only the new tokens.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import sys
@@ -81,9 +82,10 @@ class Runner:
             message = context_length_note(self.n_ctx, self.config.context_length)
             warnings.warn(message, ContextLengthWarning, stacklevel=2)
         self.n_threads = int(n_threads or kernels.default_threads())
+        self._placement = placement
         self.model, self.plan, self.gpu_label = self._load_model(placement, progress)
         self.n_gpu_layers = self.plan.n_gpu_layers
-        self.context = Context(self.model)
+        self.context = Context(_ReplanningModel(self))
         self.seed = seed
         self._rng = np.random.default_rng(seed)
         self.last_stats = GenerationStats()
@@ -115,6 +117,33 @@ class Runner:
                     warnings.warn(message, RuntimeWarning, stacklevel=3)
                     warned = True
                 request = result.n_gpu_layers - 1
+
+    def _forward(self, tokens: list[int], pos0: int, first_logit: int) -> np.ndarray:
+        """Model.forward for the Context; a GPU out-of-memory in the middle of it (a prompt's
+        activations, a longer context's attention) re-plans with fewer GPU blocks, rebuilds the
+        model, evaluates the tokens the cache held before pos0 again, and retries."""
+        rebuilt = False
+        while True:
+            try:
+                if rebuilt and pos0:  # the new model's caches are empty: refill them first
+                    self.model.forward(self.context.tokens[:pos0], 0)
+                return self.model.forward(tokens, pos0, first_logit)
+            except DeviceError as exc:
+                if self.plan.n_gpu_layers == 0 or len(self.context.tokens) < pos0:
+                    raise
+                message = str(exc)
+            # out of the except block: its traceback, which holds the old model, is gone
+            self._replan(message)
+            rebuilt = True
+
+    def _replan(self, error: str) -> None:
+        """Free the GPU run, then load again with one GPU block fewer (or fewer, as planned)."""
+        warnings.warn(f"{error}; re-planning with fewer GPU blocks", RuntimeWarning, stacklevel=2)
+        fewer = self._placement._replace(n_gpu_layers=self.plan.n_gpu_layers - 1)
+        del self.model  # the old blocks' device memory goes back before the new ones load
+        gc.collect()
+        self.model, self.plan, self.gpu_label = self._load_model(fewer, None)
+        self.n_gpu_layers = self.plan.n_gpu_layers
 
     def _build(self, result: Plan, gpu: GpuStatus, progress: Any) -> Model:
         cpu = CpuBackend(self.n_threads)
@@ -366,6 +395,21 @@ def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     mx = x.max(axis=1, keepdims=True)
     lse = np.log(np.exp(x - mx).sum(axis=1)) + mx[:, 0]
     return x[np.arange(len(targets)), targets] - lse
+
+
+class _ReplanningModel:
+    """What the Runner's Context evaluates through: the Runner's current model, re-planned on
+    a GPU out-of-memory (Runner._forward)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    @property
+    def n_ctx(self) -> int:
+        return self.runner.model.n_ctx
+
+    def forward(self, tokens: Sequence[int], pos0: int = 0, first_logit: int = -1) -> np.ndarray:
+        return self.runner._forward(list(tokens), pos0, first_logit)
 
 
 class _Placement(NamedTuple):

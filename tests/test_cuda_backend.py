@@ -322,6 +322,21 @@ def test_matmul_decode_1_to_32_and_prefill_vs_cpu(gpu: Any, cpu: CpuBackend, qty
         assert _rel(got, cpu.matmul(m, x[:n])) < cpu_limit, n
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0], ids=lambda t: t.name)
+def test_decode_matmul_of_32_block_types_is_the_cpus(gpu: Any, cpu: CpuBackend, qtype: T) -> None:
+    """The decode kernels quantize activations as the CPU does for these types (q8_0/q8_1: x *
+    127/amax rounded to nearest even, fp16 d, q8_1's fp16 s), so only the summation order
+    differs: ~2e-7 relative, where a different rounding of one block would show as ~1e-3."""
+    rng = np.random.default_rng(int(qtype) + 100)
+    m, _ = _random_matrix(qtype, 40, 768, rng)
+    dev = gpu.load_matrix(m)
+    x = _rows(32, 768, seed=int(qtype) + 100)
+    x[:, 5] *= 40.0  # an outlier column, as real activations have
+    for n in (1, 5, 8, 32):
+        got = gpu.to_host(gpu.matmul(dev, gpu.from_host(x[:n])))
+        assert _rel(got, cpu.matmul(m, x[:n])) < 2e-6, n
+
+
 @pytest.mark.parametrize("qtype", [*QUANT_TYPES, T.BF16], ids=lambda t: t.name)
 def test_dequantize_to_f16_is_exact(gpu: Any, qtype: T) -> None:
     """The prefill path's f16 weights equal gguf's dequantization rounded to f16 (values: Q3_K

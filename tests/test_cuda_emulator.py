@@ -203,9 +203,10 @@ def test_a_kernel_writing_past_an_allocation_is_caught(cupy_module: Any) -> None
         pytest.fail("run under the emulator: HYBRIDLLM_GPU_TESTS=emulated")
     src, cache = cp.asarray(np.ones(72, np.float32)), cp.zeros((4, 16), cp.float16)
     store = cp.RawModule(code="").get_function("store_f16")
-    store((1,), (256,), (src, cache, np.int64(0), np.int64(64)))  # exactly the cache: fine
+    pos = cp.zeros(1, cp.int32)  # the kernel reads its row on the device
+    store((1,), (256,), (src, cache, pos, np.int64(16), np.int64(64)))  # exactly the cache: fine
     with pytest.raises(cp.cuda.runtime.CUDARuntimeError, match="out of bounds of the allocation passed as cache"):
-        store((1,), (256,), (src, cache, np.int64(0), np.int64(72)))
+        store((1,), (256,), (src, cache, pos, np.int64(16), np.int64(72)))
 
 
 def test_progress_in_one_warp_is_not_a_deadlock(emu: Emulator) -> None:

@@ -8,8 +8,8 @@ stand-in's pretend device. What is held:
   the worst relative difference of a row (printed with -s, bounded per model from measured runs:
   tiny llama 2.7e-2 with both blocks on the GPU, tiny gemma3 1.9e-2);
 - greedy text equal on the tiny synthetic models;
-- an out-of-memory from the pool limit, at load, re-plans with fewer GPU blocks and gives the
-  answer of the plan it lands on;
+- an out-of-memory from the pool limit, at load or in the middle of a prompt, re-plans with
+  fewer GPU blocks and gives the answer of the plan it lands on;
 - the plan's GPU bytes cover what the backend really holds after a prompt of n_ctx tokens.
 """
 
@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hybridllm.errors import DeviceError
 from hybridllm.runner import Runner
 
 pytestmark = pytest.mark.gpu
@@ -136,20 +135,63 @@ def test_out_of_memory_at_load_replans(device: Any, tiny_llama_path: str) -> Non
     assert argmax >= 0.99 and worst < 4e-2
 
 
-def test_out_of_memory_mid_prompt(device: Any, tiny_llama_path: str) -> None:
-    """After loading, a prompt whose activations no longer fit raises DeviceError (never a
-    wrong answer, never CuPy's own error), and the same Runner answers as the CPU does once
-    memory is back. (Runner re-plans only at load; a mid-prompt re-plan is runner.py's to add.)"""
+def _prefill_peaks(device: Any, path: str, n_gpu: int | str, prompts: list[list[int]]) -> list[int]:
+    """Pool bytes above the start: after loading, then the peak of each prefill in turn."""
+    pool = device.get_default_memory_pool()
+    gc.collect()  # earlier tests' runners
+    before = pool.used_bytes()
+    r = Runner(path, n_ctx=64, n_threads=2, n_gpu_layers=n_gpu, gpu_margin=0)
+    out = [pool.used_bytes() - before]
+    for ids in prompts:
+        pool.peak = pool.used_bytes()
+        r.context.prefill(ids)
+        out.append(pool.peak - before)
+    del r
+    gc.collect()
+    assert pool.used_bytes() == before
+    return out
+
+
+def test_out_of_memory_mid_prompt_replans(device: Any, tiny_llama_path: str) -> None:
+    """A pool limit that the load and a first prompt fit under, but not the next prompt's
+    activations (a chat turn that extends the first, evaluated from position 4): Runner frees
+    the GPU run, re-plans with fewer GPU blocks, evaluates the 4 cached tokens again on the new
+    model and answers the turn as the CPU does."""
+    cpu = Runner(tiny_llama_path, n_ctx=64, n_threads=2, n_gpu_layers=0)
+    turn = cpu.tokenize(PROMPT)
+    first = turn[:4]
+    n_layers = cpu.config.n_layers
+    load_all, first_all, turn_all = _prefill_peaks(device, tiny_llama_path, "all", [first, turn])
+    fewer = _prefill_peaks(device, tiny_llama_path, n_layers - 1, [first, turn])
+    limit = max(load_all, first_all, *fewer)
+    assert limit < turn_all, (load_all, first_all, turn_all, fewer)  # the turn alone overflows
+    pool = device.get_default_memory_pool()
+    pool.set_limit(size=pool.used_bytes() + limit)
     r = Runner(tiny_llama_path, n_ctx=64, n_threads=2, n_gpu_layers="all", gpu_margin=0)
+    r.context.prefill(first)
+    assert r.plan.n_gpu_layers == n_layers
+    with pytest.warns(RuntimeWarning, match="out of memory.*re-planning with fewer GPU blocks"):
+        got, reused = r.context.prefill(turn)
+    assert reused == 4 and r.plan.n_gpu_layers == n_layers - 1 and r.n_gpu_layers == n_layers - 1
+    want, _ = cpu.context.prefill(turn)
+    argmax, worst = _compare(got[None], want[None], f"re-planned mid-prompt to {r.plan.n_gpu_layers} GPU blocks")
+    assert argmax == 1.0 and worst < 4e-2
+    pool.set_limit(size=0)
+    assert r.generate(PROMPT, max_tokens=6, temperature=0.0) == cpu.generate(PROMPT, max_tokens=6, temperature=0.0)
+
+
+def test_out_of_memory_mid_prompt_down_to_the_cpu(device: Any, tiny_llama_path: str) -> None:
+    """A limit under which nothing more fits: the re-plan goes down to no GPU block, and the
+    all-CPU run answers bit for bit as a Runner planned on the CPU."""
+    r = Runner(tiny_llama_path, n_ctx=64, n_threads=2, n_gpu_layers=1, gpu_margin=0)
     tokens = r.tokenize(PROMPT)
     pool = device.get_default_memory_pool()
-    pool.set_limit(size=pool.used_bytes() + 1024)
-    with pytest.raises(DeviceError, match="out of memory"):
-        r.logits(tokens)
-    pool.set_limit(size=0)
+    pool.set_limit(size=pool.used_bytes() + 1024)  # nothing of any size fits any more
+    with pytest.warns(RuntimeWarning, match="re-planning"):
+        got = r.logits(tokens)  # 1 GPU block -> 0: the CPU answers
+    assert r.plan.n_gpu_layers == 0
     ref = Runner(tiny_llama_path, n_ctx=64, n_threads=2, n_gpu_layers=0).logits(tokens)
-    argmax, worst = _compare(r.logits(tokens), ref, "after an out-of-memory mid-prompt")
-    assert argmax >= 0.99 and worst < 4e-2
+    np.testing.assert_array_equal(got, ref)
 
 
 @pytest.mark.parametrize("which", ["tiny_llama_path", "tiny_gemma3_path"])

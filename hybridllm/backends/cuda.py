@@ -15,14 +15,21 @@ Where the bytes go:
   does x16 @ W16.T with f32 accumulation and f32 output (values stay out of f16 overflow).
 - Attention reads the f16 KV cache: one block per (head, query) for a few queries; for a
   prompt chunk, two batched cuBLAS GEMMs per KV head group around a masked-softmax kernel.
+- Rope, the KV store and decode attention read their position from device memory (an entry
+  of a table 0..n_ctx-1, or a decode graph's position scalar), so a one-token step can be
+  captured once as a CUDA graph and replayed at every position (`DecodeGraph`, switched on by
+  HYBRIDLLM_CUDA_GRAPHS=1): a decode step is then one graph launch instead of ~15 kernel
+  launches from Python per block.
 
 Numerics follow the CPU backend (llama.cpp's) where it is cheap to: f16 KV cache, Q rounded
 to f16 before Q.K, softmax summed in double and its probabilities rounded to f16 before P.V,
 GELU through ggml's f16 table, SiLU through ggml's vectorised expf (bit for bit), RMSNorm's
 squares summed in double, rope from the CPU's own cos/sin table (uploaded once per RopeSpec)
-with ggml's FMA rounding, so rope and GELU/SiLU are bit-identical to the CPU. Matmuls differ in
-activation quantization (q8 blocks of 32 here; q8_0/q8_1/q8_K on the CPU) and summation
-order, so results agree to about 1e-3 relative, not bit for bit.
+with ggml's FMA rounding, so rope and GELU/SiLU are bit-identical to the CPU. Decode matmuls of
+the 32-block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) quantize their activations as the CPU does
+(q8_0/q8_1 rounding) and differ from it only in summation order (~2e-7 relative); K-quants
+share those blocks of 32 where the CPU uses q8_K's one scale per 256, and prefill rounds the
+activations to f16 for cuBLAS, so those agree to about 1e-3 relative, not bit for bit.
 
 Importing this module needs CuPy; `backends.gpu_probe` says whether a GPU can be used.
 """
@@ -30,8 +37,10 @@ Importing this module needs CuPy; `backends.gpu_probe` says whether a GPU can be
 from __future__ import annotations
 
 import functools
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,6 +76,10 @@ _CUDA_R_32F, _CUDA_R_16F = 0, 2
 _COMPUTE_32F = 68
 _GEMM_DEFAULT = -1
 _POINTER_MODE_HOST = 0
+
+#: "1" replays each one-token step of a run of GPU blocks as a CUDA graph (`DecodeGraph`); off
+#: by default until a GPU has shown it faster and equal to the eager step.
+GRAPHS_ENV = "HYBRIDLLM_CUDA_GRAPHS"
 
 _modules: dict[int, cp.RawModule] = {}
 
@@ -137,7 +150,8 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self, device: int = 0) -> None:
+    def __init__(self, device: int = 0, graphs: bool | None = None) -> None:
+        """graphs: replay one-token steps as CUDA graphs (default: HYBRIDLLM_CUDA_GRAPHS == "1")."""
         try:
             self.device = cp.cuda.Device(device)
             self.device.use()
@@ -160,6 +174,11 @@ class CudaBackend:
         self._x_cache: tuple[Any, str, tuple[Any, ...]] | None = None
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
+        self._n_ctx = 0  # most cache rows of any KV cache: the positions kernels may be asked for
+        self._positions: Any = None  # int32 0..n-1 on the device: kernels read their pos0 here
+        self._step_position: Any = None  # a decode graph's position scalar while it is captured
+        self.graphs = os.environ.get(GRAPHS_ENV) == "1" if graphs is None else graphs
+        self._decode_graphs: dict[tuple[int, ...], DecodeGraph] = {}
 
     # --- memory -------------------------------------------------------------------------
     def load_matrix(self, m: Matrix) -> Matrix:
@@ -191,6 +210,7 @@ class CudaBackend:
         nbytes = 2 * n_ctx * width
         cache = self._alloc(nbytes, f"a KV cache of {n_ctx}x{width}", lambda: cp.zeros((n_ctx, width), cp.float16))
         self.kv_bytes += nbytes
+        self._n_ctx = max(self._n_ctx, n_ctx)
         return cache
 
     @_device_errors
@@ -256,7 +276,8 @@ class CudaBackend:
         cos, sin = self._rope_table(rope)
         half = rope.dim // 2
         total = n * heads * half
-        args = (x, _i32(n), _i32(heads), _i32(head_dim), _i32(half), _i32(pos0), cos, sin, _i32(rope.neox))
+        pos = self._position(pos0)
+        args = (x, _i32(n), _i32(heads), _i32(head_dim), _i32(half), pos, cos, sin, _i32(rope.neox))
         self._fn("rope")((_blocks(total, 256),), (256,), args)
 
     @_device_errors
@@ -267,7 +288,8 @@ class CudaBackend:
         if width != cache.shape[1] or pos0 < 0 or pos0 + n > cache.shape[0]:
             raise ValueError(f"store_kv: {n}x{width} rows at {pos0} into a {cache.shape} cache")
         count = n * width
-        self._fn("store_f16")((_blocks(count, 256),), (256,), (rows, cache, _i64(pos0 * width), _i64(count)))
+        args = (rows, cache, self._position(pos0), _i64(width), _i64(count))
+        self._fn("store_f16")((_blocks(count, 256),), (256,), args)
 
     @_device_errors
     def attention(self, q: Any, k_cache: Any, v_cache: Any, pos0: int, window: int, scale: float) -> Any:
@@ -306,6 +328,30 @@ class CudaBackend:
         """x += y in place (the residual stream)."""
         self._x_cache = None
         x += y
+
+    # --- a run of blocks ----------------------------------------------------------------
+    def forward_blocks(self, blocks: Sequence[Any], x: Any, pos0: int, n_threads: int = 0) -> None:
+        """Run consecutive blocks of this backend on x (n, dim) in place; with graphs on, a
+        one-token step is a replay of the run's DecodeGraph (captured on its first step)."""
+        if not self.graphs or x.shape[0] != 1:
+            for block in blocks:
+                block.forward(x, pos0, n_threads)
+            return
+        key = tuple(id(block) for block in blocks)
+        graph = self._decode_graphs.get(key)
+        if graph is None:
+            graph = self._decode_graphs[key] = DecodeGraph(self, blocks, x.shape[1])
+        graph.step(x, pos0, n_threads)
+
+    @contextmanager
+    def _positions_from(self, position: Any) -> Iterator[None]:
+        """Every op inside reads its position from `position` (a device int32 scalar), whatever
+        pos0 it is given: the launches a decode graph captures stay valid at every position."""
+        self._step_position, self._x_cache = position, None
+        try:
+            yield
+        finally:
+            self._step_position, self._x_cache = None, None
 
     # --- matmul paths -------------------------------------------------------------------
     def _matvec(self, w: Matrix, x: Any, out: Any) -> None:
@@ -382,6 +428,7 @@ class CudaBackend:
         """
         cublas = self._cublas
         handle = cp.cuda.device.get_cublas_handle()
+        cublas.setStream(handle, cp.cuda.get_current_stream().ptr)  # a capturing stream, too
         cublas.setPointerMode(handle, _POINTER_MODE_HOST)
         alpha_host = np.array([alpha], np.float32)
         a_ptr = a.data.ptr + 2 * a_offset
@@ -401,15 +448,18 @@ class CudaBackend:
 
     # --- attention paths ----------------------------------------------------------------
     def _attention_rows(self, q: Any, kc: Any, vc: Any, pos0: int, window: int, scale: float, n_kv: int, dv: int) -> Any:
+        """A few query rows, one block per (head, row). The scores scratch has room for every key
+        a query at any position may see (the cache, or the window), not only pos0's: the same
+        launch, replayed by a decode graph at later positions, needs no other buffer."""
         n, n_heads, dk = q.shape
-        n_keys = pos0 + n if window <= 0 else min(pos0 + n, window)  # most keys a query sees
+        n_keys = kc.shape[0] if window <= 0 else min(kc.shape[0], window)  # most keys a query sees
         scores = cp.empty((n, n_heads, n_keys), cp.float32)
         out = cp.empty((n, n_heads, dv), cp.float32)
         threads = 128
         shared = 4 * (dk + (threads // 32) * dv + 64)  # q, per-warp P.V, 32 doubles
         args = (
             q, kc, vc, scores, out, _i32(n_heads), _i32(n_kv), _i32(dk), _i32(dv),
-            _i32(pos0), _i32(window), np.float32(scale), _i32(n_keys),
+            self._position(pos0), _i32(window), np.float32(scale), _i32(n_keys),
         )  # fmt: skip
         self._fn("attn_rows")((n_heads, n), (threads,), args, shared_mem=shared)
         return out
@@ -484,6 +534,19 @@ class CudaBackend:
             self.scratch_bytes += table.nbytes
         return self._gelu
 
+    def _position(self, pos0: int) -> Any:
+        """A device int32 holding the position the kernels use: the decode graph's scalar while
+        a step is captured, else entry pos0 of a table 0..n_ctx-1 uploaded once (no copy per op)."""
+        if self._step_position is not None:
+            return self._step_position
+        have = 0 if self._positions is None else self._positions.size
+        if pos0 >= have:
+            table = np.arange(max(pos0 + 1, self._n_ctx), dtype=np.int32)
+            self._positions = None
+            self._positions = self._alloc(table.nbytes, "the position table", lambda: cp.asarray(table))
+            self.scratch_bytes += table.nbytes - 4 * have
+        return self._positions[pos0 : pos0 + 1]
+
     def _reserve_w16(self, count: int) -> None:
         """Grow the f16 dequantization scratch to at least `count` elements."""
         have = 0 if self._w16 is None else self._w16.size
@@ -518,3 +581,55 @@ class CudaBackend:
         )
         err.asked_bytes, err.free_bytes = nbytes, free  # type: ignore[attr-defined]
         return err
+
+
+class DecodeGraph:
+    """One token through a run of blocks on a CudaBackend, captured once as a CUDA graph and
+    replayed at every later step.
+
+    A captured launch keeps its arguments, so nothing in the step may depend on the position
+    through a scalar argument: while the step is captured, every position-dependent kernel
+    (rope, the KV store, attention) reads `position`, a device int32 written before each replay,
+    and attention's scores scratch covers the whole cache. `x` (1, dim) is the graph's input and
+    output. What the step allocates while it is captured comes from `pool`, a memory pool used by
+    nothing else, so no later allocation can take memory the graph reads or writes; the buffers
+    freed inside the step are reused inside it in stream order, as on eager steps.
+
+    The first step runs eagerly (it also compiles CuPy's element-wise kernels and uploads any
+    table, which capture may not do) and is then captured; capture runs no work.
+    """
+
+    def __init__(self, backend: CudaBackend, blocks: Sequence[Any], dim: int) -> None:
+        self.backend, self.blocks = backend, list(blocks)
+        self.stream = cp.cuda.Stream()  # blocking: ordered after the default stream's work
+        self.pool = cp.cuda.MemoryPool()
+        self.x = backend._alloc(4 * dim, "a decode graph's input", lambda: cp.zeros((1, dim), cp.float32))
+        self.position = backend._alloc(4, "a decode graph's position", lambda: cp.zeros(1, cp.int32))
+        self.graph: Any = None
+        self.replays = 0
+
+    def step(self, x: Any, pos0: int, n_threads: int = 0) -> None:
+        """Evaluate the blocks on x (1, dim) at position pos0, in place."""
+        if self.graph is None:
+            for block in self.blocks:
+                block.forward(x, pos0, n_threads)
+            self.graph = self._capture(pos0, n_threads)
+            return
+        with self.stream:
+            cp.copyto(self.x, x)
+            self.position.set(np.array([pos0], np.int32))
+            self.graph.launch(stream=self.stream)
+            cp.copyto(x, self.x)
+        self.replays += 1
+
+    def _capture(self, pos0: int, n_threads: int) -> Any:
+        """The step's launches as a graph; pos0 serves only the Python-side range checks."""
+        be = self.backend
+        with self.stream, cp.cuda.using_allocator(self.pool.malloc), be._positions_from(self.position):
+            self.stream.begin_capture()
+            try:
+                for block in self.blocks:
+                    block.forward(self.x, pos0, n_threads)
+            finally:
+                graph = self.stream.end_capture()  # leave capture mode also on an error
+        return graph

@@ -149,16 +149,17 @@ HD u32 spread4_bit4(u32 h) {
 // block layouts
 // ---------------------------------------------------------------------------------------------
 template <int T> struct Traits;
-template <> struct Traits<T_Q4_0> { static constexpr int qk = 32, bytes = 18; };
-template <> struct Traits<T_Q4_1> { static constexpr int qk = 32, bytes = 20; };
-template <> struct Traits<T_Q5_0> { static constexpr int qk = 32, bytes = 22; };
-template <> struct Traits<T_Q5_1> { static constexpr int qk = 32, bytes = 24; };
-template <> struct Traits<T_Q8_0> { static constexpr int qk = 32, bytes = 34; };
-template <> struct Traits<T_Q2_K> { static constexpr int qk = 256, bytes = 84; };
-template <> struct Traits<T_Q3_K> { static constexpr int qk = 256, bytes = 110; };
-template <> struct Traits<T_Q4_K> { static constexpr int qk = 256, bytes = 144; };
-template <> struct Traits<T_Q5_K> { static constexpr int qk = 256, bytes = 176; };
-template <> struct Traits<T_Q6_K> { static constexpr int qk = 256, bytes = 210; };
+// q8_1: the CPU pairs the type with q8_1 activations (a min per block: m times q8_1's s).
+template <> struct Traits<T_Q4_0> { static constexpr int qk = 32, bytes = 18; static constexpr bool q8_1 = false; };
+template <> struct Traits<T_Q4_1> { static constexpr int qk = 32, bytes = 20; static constexpr bool q8_1 = true; };
+template <> struct Traits<T_Q5_0> { static constexpr int qk = 32, bytes = 22; static constexpr bool q8_1 = false; };
+template <> struct Traits<T_Q5_1> { static constexpr int qk = 32, bytes = 24; static constexpr bool q8_1 = true; };
+template <> struct Traits<T_Q8_0> { static constexpr int qk = 32, bytes = 34; static constexpr bool q8_1 = false; };
+template <> struct Traits<T_Q2_K> { static constexpr int qk = 256, bytes = 84; static constexpr bool q8_1 = false; };
+template <> struct Traits<T_Q3_K> { static constexpr int qk = 256, bytes = 110; static constexpr bool q8_1 = false; };
+template <> struct Traits<T_Q4_K> { static constexpr int qk = 256, bytes = 144; static constexpr bool q8_1 = false; };
+template <> struct Traits<T_Q5_K> { static constexpr int qk = 256, bytes = 176; static constexpr bool q8_1 = false; };
+template <> struct Traits<T_Q6_K> { static constexpr int qk = 256, bytes = 210; static constexpr bool q8_1 = false; };
 
 // One 32-element sub-block: q[i] packs elements 4i..4i+3 (byte b = element 4i+b), int8 each.
 struct Sub {
@@ -398,10 +399,15 @@ __device__ float block_max(float v, float* red) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// activations -> 8-bit blocks of 32 (llama.cpp's q8_1, stored planar)
+// activations -> 8-bit blocks of 32, rounded as ggml's CPU quantizes them for the 32-block types
 // ---------------------------------------------------------------------------------------------
-// x (n, k) f32 -> yq (n, k) int8 and yds (n, k/32) float4 (d, d * sum of q over elements
-// 0..15, d * sum over 16..31, 0). One warp per block of 32: lane l owns element l. k % 32 == 0.
+// x (n, k) f32 -> yq (n, k) int8 and yds (n, k/32) float4 (d, d * sum of q over elements 0..15,
+// d * sum over 16..31, s). As quantize_row_q8_0/q8_1 (the CPU's SIMD path): q = x * (127/amax)
+// rounded to nearest even, d = fp16(amax/127) (exact products with d: the halves' sums need
+// at most 22 bits), and q8_1's s = fp16(d_f32 * sum) for the types with a min (Q4_1, Q5_1), so
+// those types' decode matmuls equal the CPU's up to the summation order. (K-quants pair with
+// q8_K's one scale per 256 on the CPU; here they share these blocks, as in llama.cpp's CUDA.)
+// One warp per block of 32: lane l owns element l. k % 32 == 0.
 extern "C" __global__ void __launch_bounds__(256)
 quantize_q8(const float* __restrict__ x, i8* __restrict__ yq, float4* __restrict__ yds, i64 n_blocks) {
     const i64 blk = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -409,8 +415,8 @@ quantize_q8(const float* __restrict__ x, i8* __restrict__ yq, float4* __restrict
     if (blk >= n_blocks) return;  // whole warps leave together
     const float v = x[blk * 32 + lane];
     const float amax = warp_max(fabsf(v));
-    const float d = amax / 127.0f;
-    const int q = amax == 0.0f ? 0 : (int)roundf(v / d);  // as llama.cpp: half away from zero
+    const float id = amax == 0.0f ? 0.0f : 127.0f / amax;
+    const int q = (int)rintf(v * id);
     yq[blk * 32 + lane] = (i8)q;
     // sums of q over each 16-lane half (exact ints): xor offsets below 16 stay inside the half
     int s = q;
@@ -418,11 +424,13 @@ quantize_q8(const float* __restrict__ x, i8* __restrict__ yq, float4* __restrict
     for (int o = 8; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     const int s_hi = __shfl_sync(0xffffffffu, s, 16);
     if (lane == 0) {
+        const float d = amax / 127.0f;
+        const float d16 = round_f16(d);
         float4 ds;
-        ds.x = d;
-        ds.y = d * (float)s;
-        ds.z = d * (float)s_hi;
-        ds.w = 0.0f;
+        ds.x = d16;
+        ds.y = d16 * (float)s;
+        ds.z = d16 * (float)s_hi;
+        ds.w = round_f16(d * (float)(s + s_hi));
         yds[blk] = ds;
     }
 }
@@ -448,7 +456,10 @@ HD void mmvq_lane(const u8* W, i64 row_bytes, int row, int lane, int nsub, int n
                 const int4 a = yp[0], bq = yp[1];
                 const int y[8] = {a.x, a.y, a.z, a.w, bq.x, bq.y, bq.z, bq.w};
                 const float4 ds = yds[sb];
-                acc[c] += sub_dot(u, y, ds.x, ds.y, ds.z);
+                if (Traits<T>::q8_1)  // one min for the block: m * q8_1's s, as ggml
+                    acc[c] += sub_dot(u, y, ds.x, ds.w, 0.0f);
+                else
+                    acc[c] += sub_dot(u, y, ds.x, ds.y, ds.z);
             }
         }
     }
@@ -580,11 +591,13 @@ bf16_to_f16(const u16* __restrict__ src, u16* __restrict__ dst, i64 n) {
 }
 
 // KV cache store: rows (n, width) f32 -> cache rows pos0.. f16, round to nearest even.
-// offset = pos0 * width; count = n * width.
+// pos0 = *pos, read on the device (a CUDA graph replays the launch at every position);
+// count = n * width.
 extern "C" __global__ void __launch_bounds__(256)
-store_f16(const float* __restrict__ src, u16* __restrict__ cache, i64 offset, i64 count) {
+store_f16(const float* __restrict__ src, u16* __restrict__ cache, const int* __restrict__ pos, i64 width,
+          i64 count) {
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < count) cache[offset + i] = f2h(src[i]);
+    if (i < count) cache[(i64)*pos * width + i] = f2h(src[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -605,18 +618,19 @@ rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __rest
 }
 
 // ---------------------------------------------------------------------------------------------
-// rope, in place on x (n, heads, head_dim), positions pos0..pos0+n-1; one thread per pair.
+// rope, in place on x (n, heads, head_dim), positions pos0..pos0+n-1 with pos0 = *pos (read on
+// the device, so a CUDA graph replays the launch at every position); one thread per pair.
 // cos/sin (n_ctx, half) are the CPU backend's table (ggml's angles, libm's cosf/sinf), and the
 // rotation rounds like ggml's compiled loop, so the result is the CPU's bit for bit.
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(256)
-rope(float* __restrict__ x, int n, int heads, int head_dim, int half, int pos0,
+rope(float* __restrict__ x, int n, int heads, int head_dim, int half, const int* __restrict__ pos,
      const float* __restrict__ cos_table, const float* __restrict__ sin_table, int neox) {
     const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (i64)n * heads * half) return;
     const int i = (int)(idx % half);
     const i64 th = idx / half;  // t * heads + h
-    const i64 p = pos0 + th / heads;
+    const i64 p = *pos + th / heads;
     const float cs = cos_table[p * half + i], sn = sin_table[p * half + i];
     float* row = x + th * head_dim;
     const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
@@ -674,7 +688,9 @@ glu(const float* __restrict__ gate, const float* __restrict__ up, float* __restr
 // ---------------------------------------------------------------------------------------------
 // attention for a few query rows (decode): one block per (head, query row).
 // q (n, n_heads, dk) f32; caches (n_ctx, n_kv*d) f16; scores (n, n_heads, n_keys_max) f32
-// scratch; out (n, n_heads, dv). Query t at position p = pos0+t sees keys start..p with
+// scratch; out (n, n_heads, dv). pos0 = *pos is read on the device (a CUDA graph replays the
+// launch at every position; n_keys_max then covers the whole cache or window).
+// Query t at position p = pos0+t sees keys start..p with
 // start = imax(0, p - window + 1) under a sliding window. Numerics as the CPU backend
 // (llama.cpp's non-flash path): q rounded to f16, scores in f32, softmax, probabilities
 // rounded to f16 before P.V. dv <= 256, dk even. Dynamic shared memory: (dk + nwarps*dv + 64)
@@ -683,12 +699,12 @@ glu(const float* __restrict__ gate, const float* __restrict__ up, float* __restr
 extern "C" __global__ void __launch_bounds__(128)
 attn_rows(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
           float* __restrict__ scores, float* __restrict__ out, int n_heads, int n_kv, int dk, int dv,
-          int pos0, int window, float scale, int n_keys_max) {
+          const int* __restrict__ pos, int window, float scale, int n_keys_max) {
     extern __shared__ float sh[];
     const int h = blockIdx.x, t = blockIdx.y;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
     const int g = h / (n_heads / n_kv);
-    const int p = pos0 + t;
+    const int p = *pos + t;
     const int start = window > 0 ? imax(0, p - window + 1) : 0;
     const int nk = p + 1 - start;
     float* qs = sh;             // dk

@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,6 +239,19 @@ class Emulator:
         shared_mem: int = 0,
     ) -> None:
         """Run kernel `name`; `pointers` holds the device address of each pointer parameter in order."""
+        self.prepare(name, grid, block, args, pointers, shared_mem)()
+
+    def prepare(
+        self,
+        name: str,
+        grid: tuple[int, ...],
+        block: tuple[int, ...],
+        args: tuple,
+        pointers: list[int],
+        shared_mem: int = 0,
+    ) -> Callable[[], None]:
+        """Check a launch and pack its arguments now (as cuLaunchKernel does, also while a stream
+        captures); -> the launch itself, which may run later and more than once (a graph)."""
         sig = self.kernels.get(name)
         if sig is None:
             raise EmulatorError(f"no kernel {name!r} in {KERNEL_SOURCE.name}")
@@ -262,12 +276,18 @@ class Emulator:
             storage.append(_c_scalar(a))
         argv = (ctypes.c_void_p * max(1, len(storage)))(*[ctypes.addressof(s) for s in storage])
         cfg = (ctypes.c_uint * 6)(*_dim(grid), *_dim(block))
-        poisoned = self._poison(shared_mem)
-        rc = getattr(self.lib, f"emu_launch_{name}")(cfg, argv)
-        self.launches += 1
-        if rc:
-            raise EmulatorError(f"{name}: {self.lib.emu_error().decode()}")
-        self._check_poison(name, shared_mem, poisoned)
+        entry = getattr(self.lib, f"emu_launch_{name}")
+        packed = (cfg, argv, storage)  # argv points into storage: both live as long as the launch
+
+        def run() -> None:
+            poisoned = self._poison(shared_mem)
+            rc = entry(packed[0], packed[1])
+            self.launches += 1
+            if rc:
+                raise EmulatorError(f"{name}: {self.lib.emu_error().decode()}")
+            self._check_poison(name, shared_mem, poisoned)
+
+        return run
 
     def _poison(self, shared_mem: int) -> list[tuple[int, int]]:
         """Fill the dynamic shared memory past what the launch asked for with a pattern."""
