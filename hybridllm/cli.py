@@ -322,7 +322,10 @@ def _read_text(flag: str, path: str) -> str:
 
 
 def _shown(value: str, limit: int = 60) -> str:
-    """A flag's value for an error line: one line, long JSON cut short."""
+    """A flag's value for an error line: inline JSON on one line and cut short (file names and
+    regexes as given)."""
+    if not value.lstrip().startswith("{"):
+        return value
     one_line = " ".join(value.split())
     return one_line if len(one_line) <= limit else one_line[: limit - 3] + "..."
 

@@ -39,6 +39,16 @@ CONSTRAINT_ARGS = ("json_schema", "regex", "grammar", "choices", "response_forma
 #: no bound, and a small model at temperature 0.8 can then write whitespace until max_tokens.
 #: A schema's own "x-guidance": {"whitespace_pattern": ...} still overrides it.
 JSON_WHITESPACE = r"([ ]|\n{1,2}[ \t]{0,20})?"
+#: Integers without a bound get one: the largest a JSON reader holds exactly (2**53 - 1, 16 digits;
+#: llama.cpp's json-schema-to-grammar allows 16 digits). Unbounded, a small model can write digits
+#: until max_tokens. (10**16 - 1 would round to 1e16 in llguidance's float bounds.)
+INTEGER_LIMIT = 2**53 - 1
+#: The keywords whose values are subschemas (a schema in each), or maps/lists of them: where
+#: _bound_integers looks (never inside const, enum, default or examples, which are data).
+_SUBSCHEMA = ("additionalProperties", "items", "not", "if", "then", "else", "contains",
+              "propertyNames", "unevaluatedItems", "unevaluatedProperties", "additionalItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 #: llama.cpp's marker for special tokens in llguidance's vocabulary: such a token is never text.
 _SPECIAL_PREFIX = b"\xff"
 
@@ -112,10 +122,34 @@ def _from_schema(option: str, schema: object) -> str:
         raise GrammarError(option, f"expected a JSON Schema object, not {type(schema).__name__}")
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(
-            schema, defaults={"whitespace_pattern": JSON_WHITESPACE}
+            _bound_integers(schema), defaults={"whitespace_pattern": JSON_WHITESPACE}
         )
     except (ValueError, TypeError) as exc:
         raise GrammarError(option, str(exc)) from None
+
+
+def _bound_integers(schema: Any) -> Any:
+    """A copy of the schema where every integer type without a lower or upper bound gets
+    -INTEGER_LIMIT / INTEGER_LIMIT (only integers: "number" is left as it is)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    types = out.get("type")
+    if types == "integer" or isinstance(types, list) and "integer" in types:
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -INTEGER_LIMIT
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = INTEGER_LIMIT
+    for key in _SUBSCHEMA:
+        if key in out:
+            out[key] = _bound_integers(out[key])
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _bound_integers(sub) for name, sub in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_bound_integers(sub) for sub in out[key]]
+    return out
 
 
 def _from_grammar_text(text: object) -> str:
@@ -149,12 +183,13 @@ def _from_response_format(response_format: object) -> Grammar | None:
         return None
     if kind == "json_object":
         schema = response_format.get("schema", {"type": "object"})
-        return _checked(option, _from_schema(f"{option}.schema", schema))
+        return _checked(f"{option}.schema", _from_schema(f"{option}.schema", schema))
     if kind == "json_schema":
         inner = response_format.get("json_schema")
         if not isinstance(inner, dict) or "schema" not in inner:
             raise GrammarError(option, 'type "json_schema" needs "json_schema": {"schema": {...}}')
-        return _checked(option, _from_schema(f"{option}.json_schema.schema", inner["schema"]))
+        where = f"{option}.json_schema.schema"
+        return _checked(where, _from_schema(where, inner["schema"]))
     raise GrammarError(option, f"type {kind!r} is not one of 'text', 'json_object', 'json_schema'")
 
 

@@ -347,3 +347,15 @@ def test_json_whitespace_is_bounded_like_llama_cpp() -> None:
     for loose in (b'{  "a": 1}', b'{\n\n\n"a": 1}', b'{\n' + b" " * 21 + b'"a"'):
         with pytest.raises(AssertionError):
             assert_matches(grammar, loose, complete=False)
+
+
+def test_integers_without_bounds_get_16_digits_at_most() -> None:
+    grammar = compile_grammar(json_schema={"type": "object", "properties": {"n": {"type": "integer"}}})
+    assert_matches(grammar, b'{"n": -9007199254740991}', complete=True)
+    with pytest.raises(AssertionError):
+        assert_matches(grammar, b'{"n": 9007199254740992}', complete=True)
+    # bounds the schema gives stay as they are; const and enum values are data, not schemas
+    wide = {"type": "integer", "minimum": 0, "maximum": 10**18}
+    assert_matches(compile_grammar(json_schema=wide), b"123456789012345678", complete=True)
+    data = {"const": {"type": "integer"}}
+    assert_matches(compile_grammar(json_schema=data), b'{"type": "integer"}', complete=True)
