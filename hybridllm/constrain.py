@@ -4,11 +4,12 @@ The constraint engine is llguidance (the one llama.cpp itself can be built with)
 
     grammar = compile_grammar(json_schema={...})        # checked once; immutable, shareable
     constraint = Constraint(grammar, tokenizer, n_vocab)  # one per generation (own matcher state)
-    constraint.start(); bits = constraint.allowed(); constraint.advance(token) ...
+    bits = constraint.allowed(); sample a token; done = constraint.advance(token) ...
 
 `compile_grammar` turns the user's input (JSON Schema, regex, Lark or llama.cpp GBNF text, a
 list of choices, OpenAI's response_format) into llguidance's grammar definition and refuses bad
-input with a GrammarError quoting llguidance's message. `lltokenizer` builds llguidance's view
+input with a GrammarError quoting llguidance's message. JSON gets llama.cpp's bounds on
+whitespace and integer digits, which keep a small model from writing either without end. `lltokenizer` builds llguidance's view
 of our vocabulary (the bytes each token renders as, control tokens marked special, the
 end-of-generation ids as EOS) once per tokenizer. A `Constraint` wraps one LLMatcher: the
 allowed-token bitmask of the next step is computed on a worker thread (llguidance releases the
@@ -57,7 +58,7 @@ _SPECIAL_PREFIX = b"\xff"
 class Grammar:
     """A checked constraint: llguidance's grammar definition and the argument it came from."""
 
-    option: str  # "json_schema", "regex", "grammar", "choices" or "response_format"
+    option: str  # the argument: "json_schema", "regex", "grammar", "choices", "response_format.schema"...
     definition: str  # llguidance's grammar (JSON text), what LLMatcher is built from
 
     def __str__(self) -> str:
