@@ -7,6 +7,7 @@ them skip, but under CI (CI=true) a missing model is an error, so CI never passe
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from hybridllm.models.tiny import TINY_GEMMA3, TINY_LLAMA, TinySpec, write_tiny_model

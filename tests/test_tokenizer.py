@@ -372,7 +372,8 @@ def _clone_gguf(src: str, dst: str, meta_overrides: dict[str, Any]) -> None:
     from hybridllm.gguf_file import open_reader
 
     keys = {"pre": "tokenizer.ggml.pre", "add_bos": "tokenizer.ggml.add_bos_token",
-            "add_space_prefix": "tokenizer.ggml.add_space_prefix"}  # fmt: skip
+            "add_space_prefix": "tokenizer.ggml.add_space_prefix",
+            "bos_id": "tokenizer.ggml.bos_token_id"}  # fmt: skip
     changed = {keys[k]: v for k, v in meta_overrides.items() if k in keys}
     reader = open_reader(src)
     appended = {
@@ -392,7 +393,9 @@ def _clone_gguf(src: str, dst: str, meta_overrides: dict[str, Any]) -> None:
             writer.add_key_value(key, field.contents(), kind)
     for key, value in changed.items():
         if value is not None:
-            kind = GGUFValueType.STRING if isinstance(value, str) else GGUFValueType.BOOL
+            kind = {str: GGUFValueType.STRING, bool: GGUFValueType.BOOL}.get(
+                type(value), GGUFValueType.UINT32
+            )
             writer.add_key_value(key, value, kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

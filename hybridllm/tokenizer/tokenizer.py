@@ -156,8 +156,17 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, source: str | os.PathLike[str] | Any) -> Tokenizer:
-        """Build from a GGUF file path or an already open `gguf.GGUFReader`."""
-        return cls.from_metadata(**gguf_tokenizer_metadata(source))
+        """Build from a GGUF file path or an already open `gguf.GGUFReader`.
+
+        A vocabulary we cannot reproduce (an unknown `tokenizer.ggml.pre`, a missing array)
+        raises ModelFormatError naming the file."""
+        try:
+            return cls.from_metadata(**gguf_tokenizer_metadata(source))
+        except ModelFormatError as exc:
+            where = _file_name(source)
+            if where and not str(exc).startswith(where):
+                raise ModelFormatError(f"{where}: {exc}") from None
+            raise
 
     # ----------------------------------------------------------------- properties
 
@@ -568,6 +577,13 @@ def gguf_tokenizer_metadata(source: str | os.PathLike[str] | Any) -> dict[str, A
         "model_name": meta.scalar("general.name") or "",
         "extra_ids": {k: v for k, v in ids.items() if v is not None},
     }
+
+
+def _file_name(source: str | os.PathLike[str] | Any) -> str:
+    """The path of a GGUF given as a path or an open reader ('' when unknown)."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return str(getattr(getattr(source, "data", None), "filename", "") or "")
 
 
 class _GGUFMeta:
