@@ -40,6 +40,21 @@ def real_model_path(request: pytest.FixtureRequest) -> str:
     return _model_path(request.param)
 
 
+@pytest.fixture(scope="session")
+def llama_vocab_dir() -> Path:
+    """llama.cpp's vocab-only test GGUFs with their .inp/.out cases (tests/llama_vocabs.py):
+    fetched once from the pinned llama-cpp-python sdist into the user cache. Unobtainable
+    (offline): a skip here, a failure under CI."""
+    from llama_vocabs import VocabsUnavailable, vocab_dir
+
+    try:
+        return vocab_dir()
+    except VocabsUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
 def _tiny_model(factory: pytest.TempPathFactory, vocab_from: str, spec: TinySpec) -> str:
     """A tiny random-weight model of `spec` with vocab_from's vocabulary, written once per session."""
     path = factory.getbasetemp() / f"tiny-{spec.arch}.gguf"
