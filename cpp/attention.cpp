@@ -85,7 +85,7 @@ void softmax_generic(float* s, int64_t lo, int64_t nk) {
 template <int L>
 void attend_generic(const float* q, const uint16_t* kc, int64_t ks, const uint16_t* vc, int64_t vs,
                     int64_t lo, int64_t hi, int64_t dk, int64_t dv, float scale, bool batched,
-                    float* s, float* acc, float* row, float* out) {
+                    float* s, float* acc, float* row, float* out, const Attention* capper) {
     const int64_t nk = hi + 1 - lo, step = 4 * L;
     const bool tiny = batched && dk % L == 0;
     const int64_t body = tiny ? dk : dk - dk % step;
@@ -110,6 +110,7 @@ void attend_generic(const float* q, const uint16_t* kc, int64_t ks, const uint16
         }
         s[j] = static_cast<float>(total) * scale;
     }
+    if (capper != nullptr) capper->cap(s, nk);
     softmax_generic<L>(s, lo, nk);
     const int n_acc = batched ? 1 : 4;
     std::fill(acc, acc + n_acc * L * dv, 0.0f);
@@ -365,6 +366,7 @@ using Simd = Isa8;
 
 void Attention::plan(const AttnShape& shape, int64_t n, int64_t pos0, int nt, bool simd) {
     s_ = shape;
+    kscale_ = s_.softcap > 0 ? 1.0f : s_.scale;
     n_ = n, pos0_ = pos0;
     group_ = s_.H / s_.KV;
     kstart_ = s_.window > 0 ? std::max<int64_t>(0, pos0 - s_.window + 1) : 0;
@@ -410,6 +412,17 @@ void Attention::plan(const AttnShape& shape, int64_t n, int64_t pos0, int nt, bo
     for (int t = 0; t < nt; ++t) scratch_[t]->get(per + 64);
 }
 
+// Gemma 2's attention-logit soft-cap as llama.cpp's graph has it: kq * (1/cap) (ggml_scale),
+// tanhf (ggml_tanh), * cap (ggml_scale), then soft_max_ext's scale. The kernels then wrote raw
+// scores (kscale_ = 1, exact).
+void Attention::cap(float* s, int64_t n) const {
+    const float inv = 1.0f / s_.softcap, c = s_.softcap, scale = s_.scale;
+    for (int64_t j = 0; j < n; ++j) {
+        const float t = std::tanh(s[j] * inv) * c;
+        s[j] = t * scale;
+    }
+}
+
 void Attention::run(const float* q, const uint16_t* kc, const uint16_t* vc, float* o) {
 #if defined(HL_HAVE_SIMD_ATTENTION)
     if (simd_) {
@@ -446,7 +459,8 @@ void Attention::run_portable(const float* q, const uint16_t* kc, const uint16_t*
             const int64_t lo = s_.window > 0 ? std::max(kstart_, p - s_.window + 1) : kstart_;
             for (int64_t hh = h0; hh < h1; ++hh)
                 attend_generic<L>(q + (t * H + hh) * dk, kc + g * dk, kvk, vc + g * dv, kvv, lo, p, dk, dv,
-                                  s_.scale, batched_, ts, acc, row, o + (t * H + hh) * dv);
+                                  kscale_, batched_, ts, acc, row, o + (t * H + hh) * dv,
+                                  s_.softcap > 0 ? this : nullptr);
         }
     }
 }
@@ -497,10 +511,11 @@ void Attention::run_simd(const float* q, const uint16_t* kc, const uint16_t* vc,
             const int64_t t0 = (n_qb_ - 1 - i / H) * QB, nr = std::min(n_, t0 + QB) - t0;
             int64_t lo[QB], hi[QB];
             for (int64_t r = 0; r < nr; ++r) hi[r] = pos0_ + t0 + r, lo[r] = first_key(hi[r]);
-            scores_tiny_rows<S>(q + (t0 * H + h) * dk, H * dk, kt + g * ncol * dk, kbase, lo, hi, nr, dk, s_.scale,
+            scores_tiny_rows<S>(q + (t0 * H + h) * dk, H * dk, kt + g * ncol * dk, kbase, lo, hi, nr, dk, kscale_,
                                 ts, ls);
             for (int64_t r = 0; r < nr; ++r) {
                 const int64_t base = lo[r] - lo[r] % L;
+                if (s_.softcap > 0) cap(ts + r * ls + (lo[r] - kbase), hi[r] + 1 - lo[r]);
                 softmax<S>(ts + r * ls + (base - kbase), base, lo[r], hi[r]);
             }
             pv_rows<S>(ts, ls, kbase, vt + g * ncol * dv, ncol, lo, hi, nr, dv, o + (t0 * H + h) * dv, H * dv);
@@ -515,8 +530,11 @@ void Attention::run_simd(const float* q, const uint16_t* kc, const uint16_t* vc,
         for (int64_t i = 0; i < KV * parts_; ++i) {
             const int64_t g = i / parts_, h0 = g * group + (i % parts_) * hpp_;
             const int nh = static_cast<int>(std::min(g * group + group, h0 + hpp_) - h0);
-            scores_vec<S>(q + h0 * dk, nh, kc + g * dk, kvk, lo, p, dk, s_.scale, ts + (lo - base), ls);
-            for (int j = 0; j < nh; ++j) softmax<S>(ts + j * ls, base, lo, p);
+            scores_vec<S>(q + h0 * dk, nh, kc + g * dk, kvk, lo, p, dk, kscale_, ts + (lo - base), ls);
+            for (int j = 0; j < nh; ++j) {
+                if (s_.softcap > 0) cap(ts + j * ls + (lo - base), p + 1 - lo);
+                softmax<S>(ts + j * ls, base, lo, p);
+            }
             pv_vec<S>(ts, nh, ls, base, vc + g * dv, kvv, lo, p, 0, dv, dv, ts + nh * ls, o + h0 * dv);
         }
         return;
@@ -529,11 +547,14 @@ void Attention::run_simd(const float* q, const uint16_t* kc, const uint16_t* vc,
         const int64_t a0 = lo + i * pb_, b0 = std::min(p, a0 + pb_ - 1);
         for (int64_t a = a0; a <= b0; ++a)
             for (int64_t g = 0; g < KV; ++g)
-                scores_vec<S>(q + g * group * dk, static_cast<int>(group), kc + g * dk, kvk, a, a, dk, s_.scale,
+                scores_vec<S>(q + g * group * dk, static_cast<int>(group), kc + g * dk, kvk, a, a, dk, kscale_,
                               s_all + g * group * ls + (a - base), ls);
     }
 #pragma omp for schedule(static)
-    for (int64_t h = 0; h < H; ++h) softmax<S>(s_all + h * ls, base, lo, p);
+    for (int64_t h = 0; h < H; ++h) {
+        if (s_.softcap > 0) cap(s_all + h * ls + (lo - base), p + 1 - lo);
+        softmax<S>(s_all + h * ls, base, lo, p);
+    }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < KV * n_dc_; ++i) {
         const int64_t g = i / n_dc_, d0 = (i % n_dc_) * dc_, dc = std::min(dv, d0 + dc_) - d0;

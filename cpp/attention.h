@@ -54,6 +54,7 @@ struct AttnShape {
     int64_t H = 0, KV = 0, dk = 0, dv = 0;  // query heads, KV heads (H % KV == 0), head dims
     int64_t window = 0;                      // 0: none; else query p sees keys p-window+1 .. p
     float scale = 1;                         // applied to the scores before the softmax
+    float softcap = 0;                       // > 0: scores = tanh(raw / softcap) * softcap first (gemma2)
 };
 
 // One step's attention for an OpenMP team: plan() before the parallel region (path, work
@@ -64,6 +65,8 @@ class Attention {
     void plan(const AttnShape& shape, int64_t n, int64_t pos0, int nt, bool simd);
     // q [n][H][dk] f16-rounded; kc [n_ctx][KV*dk], vc [n_ctx][KV*dv]; o [n][H][dv].
     void run(const float* q, const uint16_t* kc, const uint16_t* vc, float* o);
+    // The soft-cap and then the scale, on one row's raw scores s[0..n) (kernels wrote them unscaled).
+    void cap(float* s, int64_t n) const;
 
    private:
     template <class S>
@@ -79,6 +82,7 @@ class Attention {
     int64_t parts_ = 1, hpp_ = 1;  // one row, unsplit: (group, part of hpp heads) items
     int64_t pb_ = 0, n_pb_ = 0;   // one row, split: position blocks of the scores
     int64_t dc_ = 0, n_dc_ = 0;   // one row, split: output-dim chunks of P.V
+    float kscale_ = 1;            // scale the score kernels apply (1 under a soft-cap, see cap())
     Buf<float> kt_, vt_, s_all_;  // batches: K [KV][ncol/L][dk][L], V [KV][dv/L][ncol][L]
     std::vector<std::unique_ptr<Buf<float>>> scratch_;  // per thread
 };

@@ -178,31 +178,64 @@ void geglu_cols(const float* g, const float* u, float* out, int64_t j0, int64_t 
 
 // ---- rope ----------------------------------------------------------------------------------
 
-// cos/sin [n_ctx][dim/2] built as ggml does: theta starts at the position and is multiplied by
-// base^(-2/dim) (float) once per pair; libm cosf/sinf. Shared by the blocks with the same spec.
+// What fixes a rope table (ggml_rope_ext's arguments): frequency base, rotated dims, freq_scale
+// (1/linear factor), YaRN's ext_factor, corr_dims and magnitude scale, per-pair frequency factors
+// (rope_freqs / LongRoPE; empty: none), length.
+struct RopeParams {
+    double base = 10000;
+    int64_t dim = 0;
+    float freq_scale = 1, ext_factor = 0, mscale = 1, corr_lo = 0, corr_hi = 0;
+    std::vector<float> factors;
+    int64_t n_ctx = 0;
+
+    std::vector<double> key() const {
+        std::vector<double> k = {base, double(dim), freq_scale, ext_factor, mscale, corr_lo, corr_hi, double(n_ctx)};
+        k.insert(k.end(), factors.begin(), factors.end());
+        return k;
+    }
+};
+
+// cos/sin [n_ctx][dim/2] built as ggml_rope_cache_init does: theta starts at the position and is
+// multiplied by base^(-2/dim) (float) once per pair; pair i rotates by theta/ff_i times
+// freq_scale, with YaRN blending in the unscaled angle over the ramp between the corr dims;
+// libm cosf/sinf times mscale. Shared by the blocks with the same parameters.
 struct RopeTable {
     int64_t half = 0;
     std::vector<float> cos, sin;
 };
 
-std::shared_ptr<const RopeTable> rope_table(double base, int64_t dim, double scale, int64_t n_ctx) {
+// One pair's angle and magnitude (ggml's rope_yarn; its `a * b + c * d` is compiled with one FMA).
+inline void rope_angle(float theta_extrap, const RopeParams& r, int64_t i, float* angle, float* mscale) {
+    const float theta_interp = r.freq_scale * theta_extrap;
+    *angle = theta_interp;
+    *mscale = r.mscale;
+    if (r.ext_factor != 0.0f) {
+        const float y = (static_cast<float>(i) - r.corr_lo) / std::max(0.001f, r.corr_hi - r.corr_lo);
+        const float ramp_mix = (1.0f - std::min(1.0f, std::max(0.0f, y))) * r.ext_factor;
+        *angle = std::fma(theta_interp, 1.0f - ramp_mix, theta_extrap * ramp_mix);
+        *mscale = r.mscale * std::fma(0.1f, std::log(1.0f / r.freq_scale), 1.0f);
+    }
+}
+
+std::shared_ptr<const RopeTable> rope_table(const RopeParams& r) {
     static std::mutex mu;
-    static std::map<std::tuple<double, int64_t, double, int64_t>, std::weak_ptr<const RopeTable>> cache;
-    const auto key = std::make_tuple(base, dim, scale, n_ctx);
+    static std::map<std::vector<double>, std::weak_ptr<const RopeTable>> cache;
+    const auto key = r.key();
     std::lock_guard<std::mutex> lock(mu);
     if (auto hit = cache[key].lock()) return hit;
     auto t = std::make_shared<RopeTable>();
-    t->half = dim / 2;
-    t->cos.resize(static_cast<size_t>(n_ctx * t->half));
+    t->half = r.dim / 2;
+    t->cos.resize(static_cast<size_t>(r.n_ctx * t->half));
     t->sin.resize(t->cos.size());
-    const float theta_scale = static_cast<float>(std::pow(base, -2.0 / static_cast<double>(dim)));
-    const float freq_scale = static_cast<float>(1.0 / scale);
-    for (int64_t p = 0; p < n_ctx; ++p) {
+    const float theta_scale = static_cast<float>(std::pow(r.base, -2.0 / static_cast<double>(r.dim)));
+    for (int64_t p = 0; p < r.n_ctx; ++p) {
         float theta = static_cast<float>(p);
         for (int64_t i = 0; i < t->half; ++i) {
-            const float a = theta * freq_scale;
-            t->cos[p * t->half + i] = std::cos(a);
-            t->sin[p * t->half + i] = std::sin(a);
+            const float ff = r.factors.empty() ? 1.0f : r.factors[i];
+            float angle, mscale;
+            rope_angle(theta / ff, r, i, &angle, &mscale);
+            t->cos[p * t->half + i] = std::cos(angle) * mscale;
+            t->sin[p * t->half + i] = std::sin(angle) * mscale;
             theta = theta * theta_scale;
         }
     }
@@ -371,11 +404,15 @@ class Block {
     // hyper-parameters
     int64_t dim_ = 0, H_ = 0, KV_ = 0, dk_ = 0, dv_ = 0, ffn_ = 0, rope_dim_ = 0, window_ = 0, n_ctx_ = 0;
     float eps_ = 0, scale_ = 0, q_scale_ = 1;  // scores * scale_; Q * q_scale_ after rope
+    float softcap_ = 0;         // gemma2: attention logits soft-capped at this value (0: none)
+    float residual_scale_ = 1;  // granite: attention and FFN outputs times this before the residual add
     bool neox_ = false, gelu_ = false;
+    bool qk_norm_full_ = false;  // olmo2: Q/K RMSNorm over the whole projection, not per head
     // weights (views of the caller's arrays, kept alive by keep_)
     Mat wq_, wk_, wv_, wo_, wg_, wu_, wd_;
     const float *attn_norm_ = nullptr, *ffn_norm_ = nullptr, *q_norm_ = nullptr, *k_norm_ = nullptr,
                 *post_attn_norm_ = nullptr, *post_ffw_norm_ = nullptr;
+    const float *bq_ = nullptr, *bk_ = nullptr, *bv_ = nullptr;  // qwen2: Q/K/V biases
     std::vector<py::object> keep_;
     std::shared_ptr<const RopeTable> rope_;
     const float* gelu_table_ = nullptr;
@@ -389,6 +426,14 @@ int64_t cfg_int(const py::dict& cfg, const char* key) {
     py::object v = cfg[key];
     if (!py::isinstance<py::int_>(v)) value_error(std::string("cfg['") + key + "'] must be an int, got " + std::string(py::str(py::type::of(v).attr("__name__"))));
     return v.cast<int64_t>();
+}
+
+double cfg_float(const py::dict& cfg, const char* key);
+
+// An optional number of cfg (absent or None: `otherwise`).
+double cfg_float_or(const py::dict& cfg, const char* key, double otherwise) {
+    if (!cfg.contains(key) || cfg[key].is_none()) return otherwise;
+    return cfg_float(cfg, key);
 }
 
 double cfg_float(const py::dict& cfg, const char* key) {
@@ -475,6 +520,19 @@ Block::Block(const py::dict& cfg, const py::dict& weights, int64_t n_ctx) {
     scale_ = static_cast<float>(cfg_float(cfg, "attn_scale"));
     q_scale_ = static_cast<float>(cfg_float(cfg, "q_scale"));
     const double rope_base = cfg_float(cfg, "rope_base"), rope_scale = cfg_float(cfg, "rope_scale");
+    softcap_ = static_cast<float>(cfg_float_or(cfg, "attn_softcap", 0.0));
+    residual_scale_ = static_cast<float>(cfg_float_or(cfg, "residual_scale", 1.0));
+    qk_norm_full_ = cfg.contains("qk_norm_full") && py::bool_(cfg["qk_norm_full"]);
+    RopeParams rope;
+    rope.base = rope_base, rope.dim = rope_dim_, rope.n_ctx = n_ctx;
+    rope.freq_scale = static_cast<float>(1.0 / rope_scale);
+    rope.ext_factor = static_cast<float>(cfg_float_or(cfg, "rope_ext_factor", 0.0));
+    rope.mscale = static_cast<float>(cfg_float_or(cfg, "rope_attn_factor", 1.0));
+    if (cfg.contains("rope_corr_dims") && !cfg["rope_corr_dims"].is_none()) {
+        const auto dims = cfg["rope_corr_dims"].cast<std::pair<double, double>>();
+        rope.corr_lo = static_cast<float>(dims.first), rope.corr_hi = static_cast<float>(dims.second);
+    }
+    if (softcap_ < 0) value_error("cfg['attn_softcap'] must be >= 0");
     if (!cfg.contains("rope_neox")) value_error("cfg is missing 'rope_neox'");
     neox_ = py::bool_(cfg["rope_neox"]);
     if (!cfg.contains("activation")) value_error("cfg is missing 'activation'");
@@ -498,16 +556,22 @@ Block::Block(const py::dict& cfg, const py::dict& weights, int64_t n_ctx) {
     wg_ = get_matrix(weights, "ffn_gate", ffn_, dim_, keep_);
     wu_ = get_matrix(weights, "ffn_up", ffn_, dim_, keep_);
     wd_ = get_matrix(weights, "ffn_down", dim_, ffn_, keep_);
-    attn_norm_ = get_norm(weights, "attn_norm", dim_, true, keep_);
-    ffn_norm_ = get_norm(weights, "ffn_norm", dim_, true, keep_);
-    q_norm_ = get_norm(weights, "attn_q_norm", dk_, false, keep_);
-    k_norm_ = get_norm(weights, "attn_k_norm", dk_, false, keep_);
+    // olmo2 has only the norms after attention and FFN
+    attn_norm_ = get_norm(weights, "attn_norm", dim_, false, keep_);
+    ffn_norm_ = get_norm(weights, "ffn_norm", dim_, false, keep_);
+    q_norm_ = get_norm(weights, "attn_q_norm", qk_norm_full_ ? H_ * dk_ : dk_, false, keep_);
+    k_norm_ = get_norm(weights, "attn_k_norm", qk_norm_full_ ? KV_ * dk_ : dk_, false, keep_);
+    bq_ = get_norm(weights, "attn_q_bias", H_ * dk_, false, keep_);
+    bk_ = get_norm(weights, "attn_k_bias", KV_ * dk_, false, keep_);
+    bv_ = get_norm(weights, "attn_v_bias", KV_ * dv_, false, keep_);
+    if (const float* ff = get_norm(weights, "rope_freqs", rope_dim_ / 2, false, keep_))
+        rope.factors.assign(ff, ff + rope_dim_ / 2);
     if ((q_norm_ == nullptr) != (k_norm_ == nullptr))
         value_error("weights: attn_q_norm and attn_k_norm come together (got only one)");
     post_attn_norm_ = get_norm(weights, "post_attention_norm", dim_, false, keep_);
     post_ffw_norm_ = get_norm(weights, "post_ffw_norm", dim_, false, keep_);
 
-    rope_ = rope_dim_ > 0 ? rope_table(rope_base, rope_dim_, rope_scale, n_ctx) : nullptr;
+    rope_ = rope_dim_ > 0 ? rope_table(rope) : nullptr;
     if (gelu_) gelu_table_ = gelu_table();
     const size_t kn = static_cast<size_t>(n_ctx * KV_ * dk_), vn = static_cast<size_t>(n_ctx * KV_ * dv_);
     std::fill(kc_.get(kn), kc_.get(kn) + kn, uint16_t{0});
@@ -598,7 +662,7 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
         acts[A_ACT].layout(act_kind_for(wd_.type), ac, n, ffn, P);
     };
 
-    ws.attn.plan(AttnShape{H, KV, dk, dv, window_, scale_}, n, pos0, nt, simd);
+    ws.attn.plan(AttnShape{H, KV, dk, dv, window_, scale_, softcap_}, n, pos0, nt, simd);
 
     while (static_cast<int>(ws.threads.size()) < nt) ws.threads.push_back(std::make_unique<ThreadScratch>());
     for (int t = 0; t < nt; ++t) {
@@ -613,8 +677,9 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
     float* h_sh = decode ? nullptr : ws.h.get(n * dim);
     if (!decode) layout(ws.acts, xn_sh, h_sh);
 
-    const MatJob qkv_jobs[3] = {{&wq_, qkv_acts[0], q, Post::Q, dk},
-                                {&wk_, qkv_acts[1], k, Post::K, dk},
+    // items cover whole heads, or whole projections when the Q/K norm spans them (olmo2)
+    const MatJob qkv_jobs[3] = {{&wq_, qkv_acts[0], q, Post::Q, qk_norm_full_ ? H * dk : dk},
+                                {&wk_, qkv_acts[1], k, Post::K, qk_norm_full_ ? kvk : dk},
                                 {&wv_, qkv_acts[2], v, Post::V, dv}};
     const MatJob o_job = {&wo_, A_O, att};
     const MatJob gu_job = {&wg_, A_H0, gt, Post::None, 1, &wu_, n_h == 2 ? A_H1 : A_H0, up};
@@ -634,6 +699,32 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
     const int64_t half = rope ? rope->half : 0;
     const int64_t simd_end = ffn - ffn % float_lanes();
 
+    // out [dim] = rms_norm(x) * w, or x itself where the architecture has no such norm (olmo2).
+    auto norm_or_copy = [](const float* xr, const float* w, float e, int64_t k, float* out) {
+        if (w)
+            rms_norm_row(xr, w, e, k, out);
+        else
+            std::copy(xr, xr + k, out);
+    };
+    // What a branch (attention or FFN output row a) adds to the residual stream: post_norm?(a)
+    // (gemma) times residual_scale (granite; ggml_scale), written to out (may be a) when changed.
+    const float rs = residual_scale_;
+    auto branch_out = [rs, eps, dim](const float* a, const float* post_norm, float* out) -> const float* {
+        if (post_norm) {
+            rms_norm_row(a, post_norm, eps, dim, out);
+            a = out;
+        }
+        if (rs != 1.0f) {
+            for (int64_t j = 0; j < dim; ++j) out[j] = a[j] * rs;
+            a = out;
+        }
+        return a;
+    };
+    // row[c] += bias[c] for the columns [c0, c1) an item computed (ggml_add after the matmul)
+    auto add_row = [](float* row, const float* bias, int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) row[c] = row[c] + bias[c];
+    };
+
     // Heads [r0 / hd, r1 / hd) of the Q/K/V rows an item just computed, for its panel's rows:
     // Q: q_norm, rope, f16 rounding; K: k_norm, rope, into the f16 cache; V: into its cache.
     auto post_heads = [&](const MatJob& j, const MatItem& it) {
@@ -643,22 +734,27 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
             const float* cs = rope ? rope->cos.data() + pos * half : nullptr;
             const float* sn = rope ? rope->sin.data() + pos * half : nullptr;
             if (j.post == Post::Q) {
+                if (bq_) add_row(q + t * H * dk, bq_, it.r0, it.r1);
+                if (q_norm_ && qk_norm_full_) rms_norm_row(q + t * H * dk, q_norm_, eps, H * dk, q + t * H * dk);
                 for (int64_t hh = it.r0 / dk; hh < it.r1 / dk; ++hh) {
                     float* qh = q + (t * H + hh) * dk;
-                    if (q_norm_) rms_norm_row(qh, q_norm_, eps, dk, qh);
+                    if (q_norm_ && !qk_norm_full_) rms_norm_row(qh, q_norm_, eps, dk, qh);
                     if (rope) rope_head(qh, cs, sn, half, neox_);
                     if (q_scale_ != 1.0f)
                         for (int64_t d = 0; d < dk; ++d) qh[d] *= q_scale_;
                     round_f16_row(qh, dk);
                 }
             } else if (j.post == Post::K) {
+                if (bk_) add_row(k + t * kvk, bk_, it.r0, it.r1);
+                if (k_norm_ && qk_norm_full_) rms_norm_row(k + t * kvk, k_norm_, eps, kvk, k + t * kvk);
                 for (int64_t g = it.r0 / dk; g < it.r1 / dk; ++g) {
                     float* kh = k + (t * KV + g) * dk;
-                    if (k_norm_) rms_norm_row(kh, k_norm_, eps, dk, kh);
+                    if (k_norm_ && !qk_norm_full_) rms_norm_row(kh, k_norm_, eps, dk, kh);
                     if (rope) rope_head(kh, cs, sn, half, neox_);
                     to_f16_row(kh, kc + pos * kvk + g * dk, dk);
                 }
             } else if (j.post == Post::V) {
+                if (bv_) add_row(v + t * kvv, bv_, it.r0, it.r1);
                 for (int64_t g = it.r0 / dv; g < it.r1 / dv; ++g)
                     to_f16_row(v + (t * KV + g) * dv, vc + pos * kvv + g * dv, dv);
             }
@@ -677,13 +773,13 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
         // 1. xn = attn_norm(x), quantized once per format that Q, K, V read.
         if (decode) {
             for (int64_t r = 0; r < n; ++r) {
-                rms_norm_row(x + r * dim, attn_norm_, eps, dim, xn + r * dim);
+                norm_or_copy(x + r * dim, attn_norm_, eps, dim, xn + r * dim);
                 for (int s = 0; s < n_xn; ++s) acts[A_XN0 + s].quantize_row(r);
             }
         } else {
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < n; ++r) {
-                rms_norm_row(x + r * dim, attn_norm_, eps, dim, xn + r * dim);
+                norm_or_copy(x + r * dim, attn_norm_, eps, dim, xn + r * dim);
                 for (int s = 0; s < n_xn; ++s) acts[A_XN0 + s].quantize_row(r);
             }
         }
@@ -711,24 +807,19 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
         if (decode) {
             for (int64_t r = 0; r < n; ++r) {
                 const float* xr = x + r * dim;
-                const float* ar = att + r * dim;
-                if (post_attn_norm_) {
-                    rms_norm_row(ar, post_attn_norm_, eps, dim, tmp);
-                    ar = tmp;
-                }
+                const float* ar = branch_out(att + r * dim, post_attn_norm_, tmp);
                 float* pr = xp + r * dim;
                 for (int64_t j = 0; j < dim; ++j) pr[j] = xr[j] + ar[j];
-                rms_norm_row(pr, ffn_norm_, eps, dim, h + r * dim);
+                norm_or_copy(pr, ffn_norm_, eps, dim, h + r * dim);
                 for (int s = 0; s < n_h; ++s) acts[A_H0 + s].quantize_row(r);
             }
         } else {
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < n; ++r) {
                 float* xr = x + r * dim;
-                float* ar = att + r * dim;
-                if (post_attn_norm_) rms_norm_row(ar, post_attn_norm_, eps, dim, ar);
+                const float* ar = branch_out(att + r * dim, post_attn_norm_, att + r * dim);
                 for (int64_t j = 0; j < dim; ++j) xr[j] = xr[j] + ar[j];
-                rms_norm_row(xr, ffn_norm_, eps, dim, h + r * dim);
+                norm_or_copy(xr, ffn_norm_, eps, dim, h + r * dim);
                 for (int s = 0; s < n_h; ++s) acts[A_H0 + s].quantize_row(r);
             }
         }
@@ -759,11 +850,7 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
         if (decode) {
             if (omp_get_thread_num() == 0) {
                 for (int64_t r = 0; r < n; ++r) {
-                    const float* fr = f + r * dim;
-                    if (post_ffw_norm_) {
-                        rms_norm_row(fr, post_ffw_norm_, eps, dim, tmp);
-                        fr = tmp;
-                    }
+                    const float* fr = branch_out(f + r * dim, post_ffw_norm_, tmp);
                     float* xr = x + r * dim;
                     const float* pr = xp + r * dim;
                     for (int64_t j = 0; j < dim; ++j) xr[j] = pr[j] + fr[j];
@@ -773,8 +860,7 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
 #pragma omp for schedule(static) nowait
             for (int64_t r = 0; r < n; ++r) {
                 float* xr = x + r * dim;
-                float* fr = f + r * dim;
-                if (post_ffw_norm_) rms_norm_row(fr, post_ffw_norm_, eps, dim, fr);
+                const float* fr = branch_out(f + r * dim, post_ffw_norm_, f + r * dim);
                 for (int64_t j = 0; j < dim; ++j) xr[j] = xr[j] + fr[j];
             }
         }

@@ -169,7 +169,17 @@ class ModelFile:
         return self.tensors.get("output.weight") or self.tensor("token_embd.weight")
 
     def block_tensors(self, layer: int) -> dict[str, Tensor]:
-        return {n: self.tensor(n) for n in self.config.block_tensor_names(layer)}
+        """The tensors of block `layer`: the required ones and the optional ones the file has."""
+        out = {n: self.tensor(n) for n in self.config.block_tensor_names(layer)}
+        optional = self.config.optional_block_tensor_names(layer)
+        return out | {n: self.tensors[n] for n in optional if n in self.tensors}
+
+    def rope_factors(self, n_ctx: int | None) -> Tensor | None:
+        """The rope frequency factors (dim/2,) used at context n_ctx, or None (see config)."""
+        for name in self.config.rope_factor_names(n_ctx):
+            if name in self.tensors:
+                return self.tensors[name]
+        return None
 
     def block_nbytes(self, layer: int) -> int:
         return sum(t.nbytes for t in self.block_tensors(layer).values())
@@ -180,9 +190,13 @@ class ModelFile:
             required += self.config.block_tensor_names(layer)
         for name in required:
             self.tensor(name)  # raises when missing
-        for name in sorted(set(self.tensors) - set(required) - {"output.weight"}):
+        read = set(required) | {"output.weight"} | self.config.known_rope_factor_names()
+        for layer in range(self.config.n_layers):
+            read |= set(self.config.optional_block_tensor_names(layer))
+        for name in sorted(set(self.tensors) - read):
             if not KNOWN_UNUSED.match(name):
                 raise ModelFormatError(f"{self.path}: {unread_tensor_error(name, self.config.arch)}")
+        self._check_vectors()
         for t in self.tensors.values():
             if t.qtype not in SUPPORTED_TYPES:
                 raise UnsupportedTensorTypeError(
@@ -191,17 +205,38 @@ class ModelFile:
                 )
 
 
+    def _check_vectors(self) -> None:
+        """Biases and frequency factors must be F32 of the length the block reads."""
+        cfg = self.config
+        half = cfg.rope_dim // 2
+        lengths = {n: half for n in cfg.known_rope_factor_names()}
+        for layer in range(cfg.n_layers):
+            widths = (cfg.q_dim, cfg.kv_dim_k, cfg.kv_dim_v)
+            lengths |= dict(zip(cfg.optional_block_tensor_names(layer), widths, strict=False))
+        for name, n in lengths.items():
+            t = self.tensors.get(name)
+            if t is not None and (t.qtype != GGMLQuantizationType.F32 or t.shape != (n,)):
+                raise ModelFormatError(
+                    f"{self.path}: tensor {name!r} is {t.qtype.name} {t.shape}, expected F32 ({n},)"
+                )
+
+
 #: Tensors a file may carry that llama.cpp does not read either (an old rotary table).
 KNOWN_UNUSED = re.compile(r"^blk\.\d+\.attn_rot_embd\.weight$")
 
 #: What a tensor we do not read would have done: ignoring it would give wrong answers silently.
 TENSOR_FEATURES = {
-    "rope_freqs": "rope frequency factors (Llama 3.1+ rope scaling)",
+    "rope_freqs": "rope frequency factors",
     "rope_factors_long": "LongRoPE frequency factors",
     "rope_factors_short": "LongRoPE frequency factors",
     "attn_qkv": "a fused Q/K/V projection",
     "ffn_gate_inp": "a mixture-of-experts router",
     "ffn_gate_exps": "mixture-of-experts weights",
+    "ffn_up_exps": "mixture-of-experts weights",
+    "ffn_down_exps": "mixture-of-experts weights",
+    "ssm_in": "a recurrent (state-space) layer",
+    "ssm_conv1d": "a recurrent (state-space) layer",
+    "time_mix_key": "a recurrent (RWKV) layer",
     "bias": "a bias",
 }
 

@@ -11,10 +11,12 @@ that a device backend providing the same ops runs the same block.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numba
 import numpy as np
 
 from .backends.cpu import CpuBackend, Matrix, RopeSpec
@@ -24,19 +26,27 @@ from .gguf_file import ModelFile, Tensor
 
 #: Quantized matrices of a block, by their GGUF names without `blk.{i}.` and `.weight`.
 BLOCK_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-#: Norm vectors of a block; the last four exist only in some architectures (gemma3).
-BLOCK_NORMS = (
+#: Vectors of a block; all but the first two exist only in some architectures (norms: gemma,
+#: qwen3, olmo2; biases: qwen2; rope_freqs: Llama 3.1+, LongRoPE's factors: phi3).
+BLOCK_VECTORS = (
     "attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm",
+    "attn_q_bias", "attn_k_bias", "attn_v_bias", "rope_freqs",
 )  # fmt: skip
+BLOCK_NORMS = BLOCK_VECTORS  # the name other modules know
 #: Prompt tokens are evaluated in chunks of at most this many rows (llama.cpp's n_ubatch).
 UBATCH = 512
 
 
 # --- the _core.Block contract -------------------------------------------------------------
 def block_cfg(config: ModelConfig, layer: int) -> dict[str, Any]:
-    """Hyper-parameters of block `layer` as `_core.Block` takes them (plain Python scalars)."""
+    """Hyper-parameters of block `layer` as `_core.Block` takes them (plain Python scalars).
+
+    The keys past the first fifteen appear only where the architecture uses them.
+    """
     swa = config.swa_layers[layer]
-    return {
+    # gemma3's local layers: no rope scaling (llama.cpp's freq_scale_swa = 1); gemma2 keeps it
+    scaled = not swa or config.spec.swa_rope_scaled
+    cfg = {
         "dim": config.dim,
         "n_heads": config.n_heads,
         "n_kv_heads": config.n_kv_heads,
@@ -47,7 +57,7 @@ def block_cfg(config: ModelConfig, layer: int) -> dict[str, Any]:
         # gemma3 local layers: their own rope base and no rope scaling (llama.cpp's freq_scale_swa)
         "rope_base": float(config.rope_base_swa if swa else config.rope_base),
         "rope_dim": config.rope_dim,
-        "rope_scale": 1.0 if swa else float(config.rope_scale),
+        "rope_scale": float(config.rope_scale) if scaled else 1.0,
         "rope_neox": config.spec.rope_type == "neox",
         "sliding_window": config.sliding_window if swa else 0,
         "activation": config.spec.activation,
@@ -55,24 +65,63 @@ def block_cfg(config: ModelConfig, layer: int) -> dict[str, Any]:
         "q_scale": float(config.attn_scale) if config.spec.scale_q else 1.0,
         "attn_scale": 1.0 if config.spec.scale_q else float(config.attn_scale),
     }
+    rs = config.rope_scaling
+    extras = {
+        "rope_ext_factor": (rs.ext_factor, 0.0),
+        "rope_attn_factor": (rs.attn_factor, 1.0),
+        "rope_corr_dims": (rs.corr_dims if rs.ext_factor else (0.0, 0.0), (0.0, 0.0)),
+        "attn_softcap": (config.attn_softcap, 0.0),
+        "residual_scale": (config.residual_scale, 1.0),
+        "qk_norm_full": (config.spec.qk_norm_full, False),
+    }
+    cfg |= {k: v for k, (v, default) in extras.items() if v != default}
+    return cfg
 
 
-def block_weights(model_file: ModelFile, layer: int) -> dict[str, Any]:
+def block_weights(model_file: ModelFile, layer: int, n_ctx: int | None = None) -> dict[str, Any]:
     """Weights of block `layer` as `_core.Block` takes them, all views of the memory map.
 
-    Matrices: short name -> (raw uint8 (rows, row_bytes), qtype int, rows, cols).
-    Norms: short name -> float32 (n,); optional norms are present only when the file has them.
+    Matrices: short name -> (raw uint8 (rows, row_bytes), qtype int, rows, cols); phi3's fused
+    attn_qkv and gate/up matrices give them as row ranges (views, no copies).
+    Vectors: short name -> float32 (n,), present only when the file has them; `rope_freqs` is the
+    model's frequency factors (Llama 3.1's, or LongRoPE's long ones when n_ctx exceeds the
+    original context, else its short ones).
     """
+    cfg = model_file.config
     tensors = model_file.block_tensors(layer)
     out: dict[str, Any] = {}
+    if cfg.spec.fused:
+        out |= _fused_matrices(cfg, tensors[f"blk.{layer}.attn_qkv.weight"], tensors[f"blk.{layer}.ffn_up.weight"])
     for name in BLOCK_MATRICES:
-        t = tensors[f"blk.{layer}.{name}.weight"]
-        out[name] = _matrix(t)
-    for name in BLOCK_NORMS:
-        t = tensors.get(f"blk.{layer}.{name}.weight")
+        if name not in out:
+            out[name] = _matrix(tensors[f"blk.{layer}.{name}.weight"])
+    for name in BLOCK_VECTORS:
+        gguf_name = name.replace("_bias", ".bias") if name.endswith("_bias") else f"{name}.weight"
+        t = tensors.get(f"blk.{layer}.{gguf_name}")
         if t is not None:
             out[name] = t.as_f32()
+    factors = model_file.rope_factors(n_ctx)
+    if factors is not None:
+        out["rope_freqs"] = factors.as_f32()
     return out
+
+
+def _fused_matrices(config: ModelConfig, qkv: Tensor, up: Tensor) -> dict[str, Matrix]:
+    """phi3: attn_qkv (q_dim + 2 kv_dim rows) as attn_q/k/v, ffn_up (2 ffn rows) as gate, up.
+
+    The rows of a GGUF matrix are independent, so row ranges of the raw bytes are the matrices
+    llama.cpp's views of the fused product compute (ggml_swiglu: silu of the first half).
+    """
+    q, k = config.q_dim, config.kv_dim_k
+    cols, ffn = qkv.shape[1], config.ffn_dim
+    ranges = {
+        "attn_q": (qkv, 0, q), "attn_k": (qkv, q, q + k), "attn_v": (qkv, q + k, qkv.shape[0]),
+        "ffn_gate": (up, 0, ffn), "ffn_up": (up, ffn, 2 * ffn),
+    }  # fmt: skip
+    return {
+        name: Matrix(t.raw[a:b], int(t.qtype), b - a, cols if t is qkv else up.shape[1])
+        for name, (t, a, b) in ranges.items()
+    }
 
 
 def _matrix(t: Tensor) -> Matrix:
@@ -98,49 +147,92 @@ class PyBlock:
         self.w = {
             k: be.load_matrix(Matrix(*v)) if k in BLOCK_MATRICES else be.load_vector(v)
             for k, v in weights.items()
+            if k != "rope_freqs"  # part of the rope table
         }
         kv_heads = cfg["n_kv_heads"]
         self.k_cache = be.kv_cache(n_ctx, kv_heads * cfg["head_dim_k"])  # (n_ctx, kv_dim_k) f16
         self.v_cache = be.kv_cache(n_ctx, kv_heads * cfg["head_dim_v"])  # (n_ctx, kv_dim_v) f16
+        freqs = weights.get("rope_freqs")
         self.rope = RopeSpec(
-            cfg["rope_base"], cfg["rope_dim"], cfg["rope_scale"], cfg["rope_neox"], n_ctx
+            cfg["rope_base"], cfg["rope_dim"], cfg["rope_scale"], cfg["rope_neox"], n_ctx,
+            ext_factor=float(cfg.get("rope_ext_factor", 0.0)),
+            attn_factor=float(cfg.get("rope_attn_factor", 1.0)),
+            corr_dims=tuple(cfg.get("rope_corr_dims", (0.0, 0.0))),
+            freq_factors=None if freqs is None else tuple(float(f) for f in freqs),
         )
 
     def forward(self, x: Any, pos0: int, n_threads: int | None = None) -> None:
-        be, w, eps = self.backend, self.w, self.cfg["norm_eps"]
+        be, w = self.backend, self.w
         if pos0 + x.shape[0] > self.n_ctx:
             raise ContextFullError(
                 f"positions {pos0}..{pos0 + x.shape[0] - 1} exceed n_ctx={self.n_ctx}"
             )
-        attn = self._attention(be.rms_norm(x, w["attn_norm"], eps), pos0)
-        if "post_attention_norm" in w:
-            attn = be.rms_norm(attn, w["post_attention_norm"], eps)
-        be.add(x, attn)
-        h = be.rms_norm(x, w["ffn_norm"], eps)
+        attn = self._attention(self._norm(x, "attn_norm"), pos0)
+        be.add(x, self._branch_out(attn, "post_attention_norm"))
+        h = self._norm(x, "ffn_norm")
         act = be.glu(be.matmul(w["ffn_gate"], h), be.matmul(w["ffn_up"], h), self.cfg["activation"])
         ffn = be.matmul(w["ffn_down"], act)  # (n, ffn_dim) -> (n, dim)
-        if "post_ffw_norm" in w:
-            ffn = be.rms_norm(ffn, w["post_ffw_norm"], eps)
-        be.add(x, ffn)
+        be.add(x, self._branch_out(ffn, "post_ffw_norm"))
+
+    def _norm(self, x: Any, name: str) -> Any:
+        """RMSNorm by weight `name`, or x itself where the architecture has none (olmo2)."""
+        w = self.w.get(name)
+        return x if w is None else self.backend.rms_norm(x, w, self.cfg["norm_eps"])
+
+    def _branch_out(self, y: Any, post_norm: str) -> Any:
+        """What a branch adds to the residual: post_norm?(y) (gemma) times residual_scale (granite)."""
+        y = self._norm(y, post_norm)
+        scale = self.cfg.get("residual_scale", 1.0)
+        return y if scale == 1.0 else y * np.float32(scale)
 
     def _attention(self, h: Any, pos0: int) -> Any:
         """h (n, dim) -> attention output (n, dim); writes this chunk's K and V to the cache."""
         be, w, c = self.backend, self.w, self.cfg
         n, dk = h.shape[0], c["head_dim_k"]
-        q = be.matmul(w["attn_q"], h).reshape(n, c["n_heads"], dk)
-        k = be.matmul(w["attn_k"], h).reshape(n, c["n_kv_heads"], dk)
-        v = be.matmul(w["attn_v"], h)  # (n, kv_dim_v)
-        if "attn_q_norm" in w:  # gemma3: RMSNorm over each head's dk values
-            q = be.rms_norm(q.reshape(-1, dk), w["attn_q_norm"], c["norm_eps"]).reshape(q.shape)
-            k = be.rms_norm(k.reshape(-1, dk), w["attn_k_norm"], c["norm_eps"]).reshape(k.shape)
+        q = self._projection("attn_q", h).reshape(n, c["n_heads"], dk)
+        k = self._projection("attn_k", h).reshape(n, c["n_kv_heads"], dk)
+        v = self._projection("attn_v", h)  # (n, kv_dim_v)
+        if "attn_q_norm" in w:  # gemma3, qwen3: RMSNorm over each head's dk values; olmo2: all
+            width = -1 if c.get("qk_norm_full") else dk
+            for name, t in (("attn_q_norm", q), ("attn_k_norm", k)):
+                rows = t.reshape(n, -1) if width == -1 else t.reshape(-1, dk)
+                t[...] = be.rms_norm(rows, w[name], c["norm_eps"]).reshape(t.shape)
         be.rope(q, pos0, self.rope)
         be.rope(k, pos0, self.rope)
         if c["q_scale"] != 1.0:
             q = q * np.float32(c["q_scale"])
         be.store_kv(self.k_cache, pos0, k.reshape(n, -1))
         be.store_kv(self.v_cache, pos0, v)
-        o = be.attention(q, self.k_cache, self.v_cache, pos0, c["sliding_window"], c["attn_scale"])
+        cap = c.get("attn_softcap", 0.0)
+        args = (q, self.k_cache, self.v_cache, pos0, c["sliding_window"], c["attn_scale"])
+        o = be.attention(*args, softcap=cap) if cap else be.attention(*args)
         return be.matmul(w["attn_output"], o)
+
+    def _projection(self, name: str, h: Any) -> Any:
+        """h @ W.T (+ bias, qwen2: ggml_add after the matmul)."""
+        y = self.backend.matmul(self.w[name], h)
+        bias = self.w.get(f"{name}_bias")
+        if bias is not None:
+            self.backend.add(y, bias)
+        return y
+
+
+def gpu_unverified(model_file: ModelFile, n_ctx: int | None = None) -> str | None:
+    """Why this model's blocks stay on the CPU, or None: the CUDA backend is verified against
+    llama.cpp for llama and gemma3 without rope scaling or extra tensors, not yet for the rest."""
+    cfg = model_file.config
+    features = [f"architecture {cfg.arch!r}"] if cfg.arch not in ("llama", "gemma3") else []
+    if cfg.rope_scaling.ext_factor or cfg.rope_scale != 1.0:
+        features.append(f"{cfg.rope_scaling.kind} rope scaling")
+    if model_file.rope_factors(n_ctx) is not None:
+        features.append("rope frequency factors")
+    if any(k.endswith("_bias") for k in block_weights(model_file, 0, n_ctx)):
+        features.append("Q/K/V biases")
+    if cfg.final_softcap or cfg.logit_scale != 1.0:
+        features.append("logit scaling")
+    if not features:
+        return None
+    return f"the GPU backend does not run {', '.join(features)} yet ({model_file.path.name})"
 
 
 def core_block_class() -> Any:
@@ -187,7 +279,7 @@ class Model:
         self.backends = list(backends) if backends is not None else [cpu] * cfg.n_layers
         self.blocks = []
         for i in range(cfg.n_layers):
-            weights = block_weights(model_file, i)
+            weights = block_weights(model_file, i, n_ctx)
             self.blocks.append(make_block(block_cfg(cfg, i), weights, n_ctx, self.backends[i]))
             if progress is not None:
                 progress(i + 1, cfg.n_layers)
@@ -220,9 +312,10 @@ class Model:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Final norm and head: hidden rows (m, dim) -> logits (m, n_vocab) float32 on the host."""
-        be = self.head_backend
-        h = be.rms_norm(be.from_host(x), self.output_norm, self.config.norm_eps)
-        return be.to_host(be.matmul(self.head, h))
+        be, cfg = self.head_backend, self.config
+        h = be.rms_norm(be.from_host(x), self.output_norm, cfg.norm_eps)
+        logits = be.to_host(be.matmul(self.head, h))
+        return _scale_logits(logits, cfg.logit_scale, cfg.final_softcap)
 
     def forward(self, tokens: Sequence[int], pos0: int = 0, first_logit: int = -1) -> np.ndarray:
         """Evaluate tokens at positions pos0.. and return logits of rows first_logit.. (n_out, n_vocab).
@@ -263,3 +356,20 @@ class Model:
             for block in blocks:
                 block.forward(x, pos0, self.n_threads or 0)
         return backend.to_host(x) if backend is not None else x
+
+
+def _scale_logits(logits: np.ndarray, logit_scale: float, softcap: float) -> np.ndarray:
+    """granite: logits * (1/logit_scale); gemma2: tanh(logits * (1/cap)) * cap (llama.cpp's
+    ggml_scale / ggml_tanh sequence, float32, libm tanhf through Numba)."""
+    if logit_scale != 1.0:
+        logits *= np.float32(1.0) / np.float32(logit_scale)
+    if softcap:
+        _softcap(logits, np.float32(np.float32(1.0) / np.float32(softcap)), np.float32(softcap))
+    return logits
+
+
+@numba.njit(cache=True)
+def _softcap(x, inv_cap, cap):  # pragma: no cover - compiled
+    flat = x.reshape(-1)
+    for i in range(flat.shape[0]):
+        flat[i] = math.tanh(flat[i] * inv_cap) * cap

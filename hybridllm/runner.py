@@ -32,7 +32,7 @@ from .constrain import Constraint, Grammar, compile_grammar
 from .errors import ConfigError, ContextLengthWarning, DeviceError, context_length_note
 from .generate import Context, GenerationStats, generate_text, generate_tokens
 from .gguf_file import ModelFile
-from .model import Model, core_block_class
+from .model import Model, core_block_class, gpu_unverified
 from .options import check, check_optional, check_stop, check_switch
 from .placement import DEFAULT_MARGIN, ModelSizes, Plan, parse_size, plan
 from .sampling import Sampler
@@ -99,6 +99,9 @@ class Runner:
         """Plan the placement and build the model; on GPU out-of-memory, re-plan with fewer
         GPU blocks (warning once) until it loads. Answers do not depend on the placement."""
         gpu = probe()
+        cpu_only = gpu_unverified(self.model_file, self.n_ctx)
+        if cpu_only and gpu.free_bytes is not None:  # every block on the CPU, saying why
+            gpu = GpuStatus(free_bytes=None, reason=cpu_only)
         sizes = ModelSizes.from_model(self.model_file)
         request, warned = placement.n_gpu_layers, False
         while True:

@@ -1,4 +1,4 @@
-"""Tiny synthetic llama and gemma3 GGUF models, for tests against llama.cpp.
+"""Tiny synthetic GGUF models of every supported architecture, for tests against llama.cpp.
 
 The weights are random (seeded) and stored in a mix of GGML types so every kernel gets used;
 the vocabulary and tokenizer metadata are copied from a real model file, so the tokenizer,
@@ -20,6 +20,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import quantize
 
+from hybridllm.config import ARCHITECTURES
 from hybridllm.gguf_file import ModelFile
 
 Q = GGMLQuantizationType
@@ -29,7 +30,7 @@ Q = GGMLQuantizationType
 class TinySpec:
     """Shape and types of a tiny model. Matrices whose columns are a multiple of 256 may be K-quants."""
 
-    arch: str  # "llama" or "gemma3"
+    arch: str  # a key of hybridllm.config.ARCHITECTURES
     dim: int = 64
     n_layers: int = 2
     n_heads: int = 4
@@ -43,6 +44,10 @@ class TinySpec:
     # per layer, GGUF name -> type; layers cycle through this list
     layer_types: tuple[dict[str, Q], ...] = field(default_factory=tuple)
     output_type: Q = Q.F16
+    # further `{arch}.`-relative metadata: key -> value (float: float32, int: uint32, str)
+    extra_meta: dict[str, float | int | str] = field(default_factory=dict)
+    qkv_bias: bool = False  # attn_q/k/v.bias (qwen2)
+    rope_factors: tuple[str, ...] = ()  # top-level frequency-factor tensors (rope_freqs, LongRoPE)
 
 
 LLAMA_TYPES = (
@@ -84,7 +89,8 @@ def write_tiny_model(
     n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(str(path), spec.arch)
-    writer.add_name(f"tiny-{spec.arch}")
+    # not "tiny-phi3": llama.cpp's vocabulary loader special-cases names containing "phi3"
+    writer.add_name(f"tiny random-weight {spec.arch.replace('phi3', 'phi')} model")
     _add_hparams(writer, spec, n_vocab)
     _copy_tokenizer(reader, writer)
     for name, data, qtype in _tensors(spec, n_vocab, rng):
@@ -112,6 +118,13 @@ def _add_hparams(w: GGUFWriter, s: TinySpec, n_vocab: int) -> None:
     w.add_uint32(f"{a}.vocab_size", n_vocab)
     if s.sliding_window:
         w.add_uint32(f"{a}.attention.sliding_window", s.sliding_window)
+    for key, value in s.extra_meta.items():
+        if isinstance(value, str):
+            w.add_string(f"{a}.{key}", value)
+        elif isinstance(value, float):
+            w.add_float32(f"{a}.{key}", value)
+        else:
+            w.add_uint32(f"{a}.{key}", value)
 
 
 def _copy_tokenizer(reader: GGUFReader, w: GGUFWriter) -> None:
@@ -131,30 +144,53 @@ def _tensors(
     s: TinySpec, n_vocab: int, rng: np.random.Generator
 ) -> Iterator[tuple[str, np.ndarray, Q]]:
     """(name, data, type) for every tensor; norms are F32 around 1 (gemma's already include +1)."""
+    arch = ARCHITECTURES[s.arch]
     q_dim, kv_dim = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
     yield "token_embd.weight", *_weight(rng, (n_vocab, s.dim), 0.5, Q.Q8_0)
     yield "output_norm.weight", *_norm(rng, s.dim)
     if not s.tied:
         yield "output.weight", *_weight(rng, (n_vocab, s.dim), 0.5, s.output_type)
+    for name in s.rope_factors:  # Llama 3's shape: 1 for high frequencies, up to ~8 for low ones
+        yield name, np.geomspace(1.0, 8.0, s.head_dim // 2).astype(np.float32) * (
+            1.0 + 0.1 * rng.random(s.head_dim // 2, dtype=np.float32)
+        ), Q.F32
     shapes = {
         "attn_q": (q_dim, s.dim), "attn_k": (kv_dim, s.dim), "attn_v": (kv_dim, s.dim),
         "attn_output": (s.dim, q_dim), "ffn_gate": (s.ffn_dim, s.dim),
         "ffn_up": (s.ffn_dim, s.dim), "ffn_down": (s.dim, s.ffn_dim),
     }  # fmt: skip
-    norms = {"attn_norm": s.dim, "ffn_norm": s.dim}
-    if s.arch == "gemma3":
-        norms |= {"attn_q_norm": s.head_dim, "attn_k_norm": s.head_dim,
-                  "post_attention_norm": s.dim, "post_ffw_norm": s.dim}  # fmt: skip
+    norms = {"attn_norm": s.dim, "ffn_norm": s.dim} if arch.pre_norms else {}
+    full = arch.qk_norm_full
+    norms |= {
+        "attn_q_norm": q_dim if full else s.head_dim, "attn_k_norm": kv_dim if full else s.head_dim,
+        "post_attention_norm": s.dim, "post_ffw_norm": s.dim,
+    }  # fmt: skip
+    wanted = (*(("attn_norm", "ffn_norm") if arch.pre_norms else ()), *arch.extra_block_tensors)
+    norms = {k: n for k, n in norms.items() if k in wanted}
     for i in range(s.n_layers):
         types = s.layer_types[i % len(s.layer_types)]
         for name, n in norms.items():
             yield f"blk.{i}.{name}.weight", *_norm(rng, n)
-        for name, shape in shapes.items():
-            # ~unit-variance outputs for unit-variance inputs keep the residual stream tame
-            yield (
-                f"blk.{i}.{name}.weight",
-                *_weight(rng, shape, 1.0 / np.sqrt(shape[1]), types[name]),
-            )
+        if s.qkv_bias:
+            for name, n in (("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)):
+                yield f"blk.{i}.{name}.bias", (0.5 * rng.standard_normal(n)).astype(np.float32), Q.F32
+        matrices = {
+            name: _weight(rng, shape, 1.0 / np.sqrt(shape[1]), types[name])
+            for name, shape in shapes.items()
+        }  # ~unit-variance outputs for unit-variance inputs keep the residual stream tame
+        if arch.fused:  # phi3: one Q/K/V matrix, ffn_up = gate rows then up rows (same types)
+            matrices["attn_qkv"] = _fuse(matrices.pop("attn_q"), matrices.pop("attn_k"), matrices.pop("attn_v"))
+            matrices["ffn_up"] = _fuse(matrices.pop("ffn_gate"), matrices["ffn_up"])
+        for name, (data, qtype) in matrices.items():
+            yield f"blk.{i}.{name}.weight", data, qtype
+
+
+def _fuse(*parts: tuple[np.ndarray, Q]) -> tuple[np.ndarray, Q]:
+    """Stack matrices of one type by rows (the fused tensors of phi3)."""
+    types = {q for _, q in parts}
+    if len(types) != 1:
+        raise ValueError(f"fused matrices need one type, got {sorted(t.name for t in types)}")
+    return np.concatenate([d for d, _ in parts]), types.pop()
 
 
 def _norm(rng: np.random.Generator, n: int) -> tuple[np.ndarray, Q]:
@@ -201,13 +237,56 @@ def _f16_bytes(value: float) -> np.ndarray:
     return np.frombuffer(np.float16(value).tobytes(), dtype=np.uint8)
 
 
-SPECS = {"llama": TINY_LLAMA, "gemma3": TINY_GEMMA3}
+# One spec per architecture feature, every feature switched on so that it binds: soft-caps below
+# the logits' range, original contexts short of the test prompts, scales far from 1.
+PHI3_TYPES = (  # fused matrices share one type; K-quants only where the columns allow (256)
+    {"attn_q": Q.Q8_0, "attn_k": Q.Q8_0, "attn_v": Q.Q8_0, "attn_output": Q.Q5_1,
+     "ffn_gate": Q.Q5_0, "ffn_up": Q.Q5_0, "ffn_down": Q.Q6_K},
+    {"attn_q": Q.Q4_1, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1, "attn_output": Q.F16,
+     "ffn_gate": Q.Q4_0, "ffn_up": Q.Q4_0, "ffn_down": Q.Q5_K},
+)  # fmt: skip
+TINY_LLAMA3 = TinySpec(
+    "llama", tied=False, layer_types=LLAMA_TYPES, rope_base=500_000.0,
+    rope_factors=("rope_freqs.weight",),
+)  # fmt: skip
+TINY_LLAMA_YARN = TinySpec(
+    "llama", layer_types=LLAMA_TYPES, context_length=512,
+    extra_meta={"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
+                "rope.scaling.original_context_length": 128, "rope.scaling.attn_factor": 1.25},
+)  # fmt: skip
+TINY_MISTRAL = TinySpec(  # Mistral-style: architecture llama, few KV heads, linear rope scaling
+    "llama", n_heads=8, n_kv_heads=2, dim=128, tied=False, layer_types=LLAMA_TYPES,
+    extra_meta={"rope.scaling.type": "linear", "rope.scaling.factor": 2.0},
+)  # fmt: skip
+TINY_QWEN2 = TinySpec("qwen2", layer_types=LLAMA_TYPES, rope_base=1_000_000.0, qkv_bias=True)
+TINY_QWEN3 = TinySpec("qwen3", head_dim=32, layer_types=LLAMA_TYPES, rope_base=1_000_000.0)
+TINY_GEMMA2 = TinySpec(
+    "gemma2", n_layers=4, n_kv_heads=1, head_dim=64, sliding_window=6, layer_types=GEMMA_TYPES,
+    extra_meta={"attn_logit_softcapping": 1.5, "final_logit_softcapping": 4.0},
+)  # fmt: skip
+TINY_GRANITE = TinySpec(
+    "granite", tied=False, layer_types=LLAMA_TYPES,
+    extra_meta={"embedding_scale": 3.0, "residual_scale": 0.5, "attention.scale": 0.15,
+                "logit_scale": 2.5},
+)  # fmt: skip
+TINY_OLMO2 = TinySpec("olmo2", tied=False, layer_types=LLAMA_TYPES, rope_base=500_000.0)
+TINY_PHI3 = TinySpec(
+    "phi3", n_heads=4, n_kv_heads=4, layer_types=PHI3_TYPES, context_length=512,
+    rope_factors=("rope_factors_long.weight", "rope_factors_short.weight"),
+    extra_meta={"rope.scaling.original_context_length": 64, "rope.scaling.attn_factor": 1.19},
+)  # fmt: skip
+
+SPECS = {
+    "llama": TINY_LLAMA, "gemma3": TINY_GEMMA3, "llama3": TINY_LLAMA3, "llama-yarn": TINY_LLAMA_YARN,
+    "mistral": TINY_MISTRAL, "qwen2": TINY_QWEN2, "qwen3": TINY_QWEN3, "gemma2": TINY_GEMMA2,
+    "granite": TINY_GRANITE, "olmo2": TINY_OLMO2, "phi3": TINY_PHI3,
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", help="where to write the .gguf")
-    p.add_argument("--arch", choices=sorted(SPECS), default="llama")
+    p.add_argument("--arch", choices=sorted(SPECS), default="llama", help="a tiny model spec")
     p.add_argument("--vocab-from", required=True, help="a real GGUF model whose tokenizer to copy")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -13,6 +13,7 @@ import pytest
 
 from hybridllm.errors import ModelFormatError, UnsupportedTensorTypeError
 from hybridllm.gguf_file import ModelFile, summarize
+from hybridllm.model import block_weights
 
 
 def test_smollm_config(smollm_path: str) -> None:
@@ -69,7 +70,10 @@ def write_small_model(path: Path, extra_tensors=(), extra_meta=None) -> Path:  #
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
     for key, value in (extra_meta or {}).items():
-        w.add_uint32(key, value)
+        if isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_uint32(key, value)
     rng = np.random.default_rng(0)
     shapes = {
         "token_embd.weight": (vocab, dim), "output_norm.weight": (dim,),
@@ -200,9 +204,11 @@ def test_missing_tensor(small_model: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("tensor", "shape", "feature"),
     [
-        ("rope_freqs.weight", (4,), "rope frequency factors"),  # Llama 3.1+: wrong answers without
-        ("blk.0.attn_q.bias", (32,), "a bias"),
+        # LongRoPE factors are read only with rope.scaling.type = longrope
+        ("rope_factors_long.weight", (4,), "LongRoPE frequency factors"),
+        ("blk.0.attn_output.bias", (32,), "a bias"),
         ("blk.0.ffn_gate_inp.weight", (4, 32), "a mixture-of-experts router"),
+        ("blk.0.ssm_in.weight", (32, 32), "a recurrent"),
         ("blk.0.mystery.weight", (32,), "a tensor"),
     ],
 )
@@ -215,6 +221,26 @@ def test_unread_tensor_is_refused(tmp_path: Path, tensor: str, shape: tuple, fea
 def test_known_unused_tensor_is_accepted(tmp_path: Path) -> None:
     path = write_small_model(tmp_path / "rot.gguf", extra_tensors=[("blk.0.attn_rot_embd.weight", (8,))])
     assert ModelFile(path).config.n_layers == 1
+
+
+def test_llama3_rope_freqs_and_qkv_biases_are_read(tmp_path: Path) -> None:
+    """Llama 3.1's rope_freqs and the optional Q/K/V biases llama.cpp reads for every architecture."""
+    extra = [("rope_freqs.weight", (4,)), ("blk.0.attn_q.bias", (32,)), ("blk.0.attn_v.bias", (16,))]
+    mf = ModelFile(write_small_model(tmp_path / "l3.gguf", extra_tensors=extra))
+    assert mf.rope_factors(64).shape == (4,)
+    assert set(block_weights(mf, 0)) >= {"rope_freqs", "attn_q_bias", "attn_v_bias"}
+
+
+def test_vector_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
+    path = write_small_model(tmp_path / "short.gguf", extra_tensors=[("rope_freqs.weight", (3,))])
+    with pytest.raises(ModelFormatError, match=r"short.gguf: tensor 'rope_freqs.weight' is F32 \(3,\), expected F32 \(4,\)"):
+        ModelFile(path)
+
+
+def test_unknown_rope_scaling_is_refused(tmp_path: Path) -> None:
+    path = write_small_model(tmp_path / "ntk.gguf", extra_meta={"llama.rope.scaling.type": "dynamic-ntk"})
+    with pytest.raises(ModelFormatError, match="ntk.gguf: rope scaling type 'dynamic-ntk' is not supported"):
+        ModelFile(path)
 
 
 def test_mixture_of_experts_is_refused(tmp_path: Path) -> None:

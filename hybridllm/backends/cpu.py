@@ -125,10 +125,12 @@ class CpuBackend:
         pos0: int,
         window: int,
         scale: float,
+        softcap: float = 0.0,
     ) -> np.ndarray:
         """Causal GQA attention of q (n, n_heads, dk) over cache rows 0..pos0+n-1 -> (n, n_heads*dv).
 
         Query t (position pos0+t) sees key j when j <= pos0+t and, with a window, pos0+t - j < window.
+        softcap > 0 (gemma2): scores are tanh(s / softcap) * softcap before the scale and softmax.
         """
         n, n_heads, dk = q.shape
         # keys older than the window are never read
@@ -141,7 +143,8 @@ class CpuBackend:
         # many keys vectorize; llama.cpp uses tinyBLAS for 2+ rows, ggml_vec_dot_f16 for one
         kt, vals = _attention_operands(k_cache, v_cache, start, pos0 + n, dk)
         _attention_ggml(
-            q16, kt, vals, pos0, start, window, np.float32(scale), n > 1, SIMD_LANES, out
+            q16, kt, vals, pos0, start, window, np.float32(scale), np.float32(softcap), n > 1,
+            SIMD_LANES, out,
         )
         return out.reshape(n, -1)
 
@@ -163,13 +166,17 @@ class CpuBackend:
 
 # --- rope ---------------------------------------------------------------------------------
 class RopeSpec(NamedTuple):
-    """What fixes a rope table: frequency base, rotated dims, linear scale, layout, length."""
+    """What fixes a rope table: ggml_rope_ext's arguments (the YaRN ones default to off)."""
 
     base: float
     dim: int
-    scale: float  # positions are multiplied by 1/scale
+    scale: float  # linear scaling: positions are multiplied by 1/scale (freq_scale)
     neox: bool  # rotate halves (gemma) instead of adjacent pairs (llama)
     n_ctx: int
+    ext_factor: float = 0.0  # YaRN: 1 blends extrapolated angles in below corr_dims
+    attn_factor: float = 1.0  # cos/sin magnitude (ggml's mscale argument)
+    corr_dims: tuple[float, float] = (0.0, 0.0)
+    freq_factors: tuple[float, ...] | None = None  # per pair: angles divided by these (Llama 3.1)
 
 
 @lru_cache(maxsize=8)
@@ -177,24 +184,42 @@ def rope_table(rope: RopeSpec) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin (n_ctx, dim/2) float32, built bit for bit the way ggml builds them.
 
     ggml starts theta at the position, multiplies it by base^(-2/dim) once per pair in float32,
-    and takes libm's cosf/sinf (Numba's float32 math.cos calls the same functions). Exact
-    angles matter: Q is rounded to float16 before Q.K, and a one-ulp change flips roundings.
+    divides it by the pair's frequency factor, scales it (YaRN: blended with the unscaled angle
+    over the ramp between corr_dims) and takes libm's cosf/sinf (Numba's float32 math.cos calls
+    the same functions) times mscale. Exact angles matter: Q is rounded to float16 before Q.K,
+    and a one-ulp change flips roundings.
     """
+    half = rope.dim // 2
     theta_scale = np.float32(rope.base ** (-2.0 / rope.dim))
-    cos = np.empty((rope.n_ctx, rope.dim // 2), dtype=np.float32)
+    cos = np.empty((rope.n_ctx, half), dtype=np.float32)
     sin = np.empty_like(cos)
-    _rope_table(theta_scale, np.float32(1.0 / rope.scale), cos, sin)
+    factors = np.ones(half, np.float32) if rope.freq_factors is None else np.array(
+        rope.freq_factors, dtype=np.float32
+    )
+    yarn = np.array(
+        [rope.ext_factor, rope.attn_factor, rope.corr_dims[0], rope.corr_dims[1]], np.float32
+    )
+    _rope_table(theta_scale, np.float32(1.0 / rope.scale), factors, yarn, cos, sin)
     return cos, sin
 
 
 @numba.njit(cache=True)
-def _rope_table(theta_scale, freq_scale, cos, sin):  # pragma: no cover - compiled
+def _rope_table(theta_scale, freq_scale, factors, yarn, cos, sin):  # pragma: no cover - compiled
+    ext_factor, mscale, corr_lo, corr_hi = yarn[0], yarn[1], yarn[2], yarn[3]
+    if ext_factor != 0:  # rope_yarn's magnitude correction, 1 + 0.1 ln(1/freq_scale) (one FMA)
+        mscale = mscale * _fma(np.float32(0.1), math.log(np.float32(1.0) / freq_scale), np.float32(1.0))
+    ramp_width = max(np.float32(0.001), corr_hi - corr_lo)
     for p in range(cos.shape[0]):
         theta = np.float32(p)
         for i in range(cos.shape[1]):
-            t = theta * freq_scale
-            cos[p, i] = math.cos(t)
-            sin[p, i] = math.sin(t)
+            extrap = theta / factors[i]
+            t = freq_scale * extrap
+            if ext_factor != 0:
+                y = (np.float32(i) - corr_lo) / ramp_width
+                ramp_mix = (np.float32(1.0) - min(np.float32(1.0), max(np.float32(0.0), y))) * ext_factor
+                t = _fma(t, np.float32(1.0) - ramp_mix, extrap * ramp_mix)
+            cos[p, i] = math.cos(t) * mscale
+            sin[p, i] = math.sin(t) * mscale
             theta = theta * theta_scale
 
 
@@ -520,13 +545,16 @@ def _weighted_values(probs, lo, vals, first, batched, acc4, out):  # pragma: no 
 
 @numba.njit(cache=True, parallel=True)
 def _attention_ggml(
-    q, kt, vals, pos0, start, window, scale, batched, lanes, out
+    q, kt, vals, pos0, start, window, scale, softcap, batched, lanes, out
 ):  # pragma: no cover
     """Causal (windowed) GQA attention with ggml's exact arithmetic, L = lanes.
 
     q (n, n_heads, dk) f16-rounded; kt (n_kv, dk, T) keys transposed and vals (n_kv, T, dv),
     float32 cache rows of positions start..start+T-1; out (n, n_heads, dv). One task per head.
+    softcap > 0: llama.cpp's graph on the raw scores, s * (1/cap) -> tanhf -> * cap, then scale.
     """
+    kscale = np.float32(1.0) if softcap > 0 else scale
+    inv_cap = np.float32(1.0) / softcap if softcap > 0 else np.float32(0.0)
     n, n_heads, _ = q.shape
     dv, n_keys = out.shape[2], kt.shape[2]
     group = n_heads // kt.shape[0]
@@ -539,6 +567,9 @@ def _attention_ggml(
             p = pos0 + t
             lo = max(start, p - window + 1) if window > 0 else start
             s = scores[: p + 1 - lo]
-            _scores(q[t, h], kt[g], lo - start, p + 1 - lo, scale, batched, acc4, s)
+            _scores(q[t, h], kt[g], lo - start, p + 1 - lo, kscale, batched, acc4, s)
+            if softcap > 0:
+                for j in range(s.shape[0]):
+                    s[j] = (math.tanh(s[j] * inv_cap) * softcap) * scale
             _softmax_ggml(s, lo, chunks)
             _weighted_values(s, lo, vals[g], lo - start, batched, acc4, out[t, h])
