@@ -10,6 +10,10 @@ on every step). Decode speed is generated tokens over `last_stats.generation_sec
 (sampling, masking and forward passes; not the prefill). The mask of step t+1 is computed on a
 worker thread while the forward pass of step t runs, so the constrained figure pays only for
 applying the mask. The table gives the median of each and their ratio (target: >= 90%).
+
+On a busy machine the speeds swing run to run; the last columns are steadier: the constraint's
+own cost per token, replaying a constrained run's tokens without the model (mask computation as
+if it were not overlapped, and applying the mask to a logits row), against the decode step.
 """
 
 from __future__ import annotations
@@ -18,9 +22,14 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
+
 from hybridllm import Runner
+from hybridllm.constrain import compile_grammar
+from hybridllm.sampling import mask_logits
 
 PROMPT = "A list of people with their ages and home towns, as JSON:\n"
 SCHEMA = {
@@ -48,6 +57,28 @@ def decode_speed(runner: Runner, constrained: bool, tokens: int, seed: int) -> t
     return stats.generation_tokens_per_second, stats.generated_tokens
 
 
+def constraint_cost(runner: Runner) -> tuple[float, float]:
+    """Replay the last run's generated tokens through a fresh constraint -> (ms per token
+    computing masks serially, ms per token applying a mask to a logits row)."""
+    prompt = runner.tokenize(PROMPT, special=True)
+    generated = runner.context.tokens[len(prompt) :]
+    constraint = runner.constraint(compile_grammar(json_schema=SCHEMA))
+    logits = np.zeros(runner.n_vocab, dtype=np.float32)
+    compute = apply = 0.0
+    for token in generated:
+        t0 = time.perf_counter()
+        bits = constraint.allowed()
+        t1 = time.perf_counter()
+        mask_logits(logits, bits)
+        t2 = time.perf_counter()
+        constraint.advance(token)
+        constraint.allowed()  # wait here: count the computation as if it were not overlapped
+        compute += (t1 - t0) + (time.perf_counter() - t2)
+        apply += t2 - t1
+    n = max(1, len(generated))
+    return 1000 * compute / n, 1000 * apply / n
+
+
 def bench_model(model: str, repeats: int, tokens: int, threads: int | None) -> dict:
     runner = Runner(model, n_ctx=1024, n_threads=threads)
     decode_speed(runner, True, 8, seed=0)  # warm-up: vocabulary for llguidance, kernels compiled
@@ -60,6 +91,7 @@ def bench_model(model: str, repeats: int, tokens: int, threads: int | None) -> d
             (constrained if is_constrained else free).append(speed)
             if is_constrained:
                 lengths.append(n)
+                compute_ms, apply_ms = constraint_cost(runner)
     return {
         "model": model,
         "threads": runner.n_threads,
@@ -67,6 +99,9 @@ def bench_model(model: str, repeats: int, tokens: int, threads: int | None) -> d
         "json_schema_tps": constrained,
         "json_schema_tokens": lengths,
         "ratio": statistics.median(constrained) / statistics.median(free),
+        "mask_compute_ms_per_token": compute_ms,
+        "mask_apply_ms_per_token": apply_ms,
+        "decode_ms_per_token": 1000 / statistics.median(free),
     }
 
 
@@ -80,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = [bench_model(m, args.repeats, args.tokens, args.threads) for m in args.models]
     print(f"{'model':<16}{'threads':>8}{'free tok/s':>12}{'schema tok/s':>14}{'ratio':>8}"
-          f"{'schema tokens':>15}  (medians of {args.repeats}; all runs in --json)")  # fmt: skip
+          f"{'decode ms/tok':>15}{'mask compute':>14}{'mask apply':>12}"
+          f"  (medians of {args.repeats}; all runs in --json)")  # fmt: skip
     for r in results:
         print(f"{r['model']:<16}{r['threads']:>8}{statistics.median(r['unconstrained_tps']):>12.1f}"
               f"{statistics.median(r['json_schema_tps']):>14.1f}{r['ratio']:>8.1%}"
-              f"{statistics.median(r['json_schema_tokens']):>15.0f}")  # fmt: skip
+              f"{r['decode_ms_per_token']:>15.2f}{r['mask_compute_ms_per_token']:>14.3f}"
+              f"{r['mask_apply_ms_per_token']:>12.3f}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
