@@ -51,12 +51,16 @@ class QueueFullError(RuntimeError):
 
 
 class Constraint(Protocol):
-    """A per-request constraint on the tokens (a structured-output matcher, e.g. llguidance's):
-    it masks the logits before sampling and is told each token chosen."""
+    """A per-request constraint on the tokens (constrain.Constraint, llguidance's matcher): it
+    masks the logits before sampling, is told each token chosen (not an end-of-generation one),
+    and says when its grammar is complete (the request then stops, finish reason "stop")."""
 
     def mask_logits(self, logits: np.ndarray) -> np.ndarray: ...
 
     def accept_token(self, token: int) -> None: ...
+
+    @property
+    def done(self) -> bool: ...
 
 
 @dataclass
@@ -69,10 +73,14 @@ class SamplingState:
     def choose(self, logits: np.ndarray, history: Sequence[int]) -> int:
         if self.constraint is not None:
             logits = self.constraint.mask_logits(logits)
-        token = self.sampler(logits, history)
-        if self.constraint is not None:
-            self.constraint.accept_token(token)
-        return token
+        return self.sampler(logits, history)
+
+    def accept(self, token: int) -> bool:
+        """Tell the constraint the chosen token -> whether its grammar is now complete."""
+        if self.constraint is None:
+            return False
+        self.constraint.accept_token(token)
+        return bool(self.constraint.done)
 
 
 @dataclass(frozen=True)
@@ -357,6 +365,7 @@ class Engine:
         assert logits is not None
         try:
             token = req.sampling.choose(logits, seq.slot.tokens)
+            complete = token not in req.stop_ids and req.sampling.accept(token)
         except Exception as exc:  # noqa: BLE001 - a constraint or sampler error ends this request
             self._fail(seq, f"sampling failed: {exc}")
             return None
@@ -374,9 +383,13 @@ class Engine:
         if text:
             self._send_piece(seq, text)
         out_of_room = len(seq.slot.tokens) >= seq.slot.n_ctx
-        if out_of_room or (req.max_tokens is not None and seq.generated >= req.max_tokens):
+        if (
+            complete
+            or out_of_room
+            or (req.max_tokens is not None and seq.generated >= req.max_tokens)
+        ):
             hit = self._flush(seq)
-            self._finish(seq, "stop" if hit else "length")
+            self._finish(seq, "stop" if hit or complete else "length")
             return None
         return token
 

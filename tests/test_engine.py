@@ -207,6 +207,8 @@ def test_logprobs_are_log_softmax_of_the_logits(runner: Runner, engine: Engine) 
 
 def test_a_failing_constraint_fails_only_its_request(runner: Runner, engine: Engine) -> None:
     class Broken:
+        done = False
+
         def mask_logits(self, logits: np.ndarray) -> np.ndarray:
             raise RuntimeError("matcher broke")
 
@@ -227,6 +229,8 @@ def test_a_constraint_masks_the_logits(runner: Runner, engine: Engine) -> None:
     seen: list[int] = []
 
     class OnlyThe:
+        done = False
+
         def mask_logits(self, logits: np.ndarray) -> np.ndarray:
             masked = np.full_like(logits, -np.inf)
             masked[only] = logits[only]
@@ -255,3 +259,17 @@ def test_slot_models_share_weights_and_own_their_caches(tiny_llama_path: str) ->
     first = model.forward([1, 2, 3], 0)
     clone.forward([4, 5, 6, 7], 0)
     np.testing.assert_array_equal(model.forward([3], 2), first)
+
+
+def test_a_complete_grammar_stops_the_request(runner: Runner, engine: Engine) -> None:
+    """constrain.Constraint (llguidance) as the request's constraint: the output is one of the
+    choices, ends with finish reason "stop", and equals Runner.generate's with the same choices."""
+    from hybridllm.constrain import Constraint, compile_grammar
+
+    prompt, choices = "Is the sky blue? Answer yes or no:", [" yes", " no", " maybe so"]
+    args = _args(runner, prompt, 16)
+    constraint = Constraint(compile_grammar(choices=choices), runner.tokenizer, runner.n_vocab)
+    args["sampling"] = SamplingState(args["sampling"].sampler, constraint=constraint)
+    text, end = _collect(engine.generate(args))
+    assert text in choices and end.reason == "stop"
+    assert text == runner.generate(prompt, max_tokens=16, temperature=0, choices=choices)

@@ -38,6 +38,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ..chat import ChatTemplateError
+from ..constrain import Constraint
 from ..engine import Engine, Event, Failed, Finished, Piece, QueueFullError, SamplingState
 from ..engine import Request as EngineRequest
 from ..errors import ConfigError, HybridLLMError
@@ -198,9 +199,11 @@ class _Job:
     text_of: Callable[[int], str]
 
 
-def _submit(state: ServerState, kind: str, body: Any, prompt: list[int]) -> _Job:
+def _submit(
+    state: ServerState, kind: str, body: Any, prompt: list[int], constraint: Constraint | None
+) -> _Job:
     runner, engine = state.ready()
-    sampling = SamplingState(body.sampler())
+    sampling = SamplingState(body.sampler(), constraint)
     limit, n_logprobs, stop = body.limit(), body.n_logprobs(), check_stop(body.stop)
     if not prompt:
         raise _bad_request("the prompt is empty")
@@ -284,7 +287,12 @@ async def _stream(job: _Job, model: str) -> AsyncIterator[bytes]:
 async def _respond(
     state: ServerState, request: Request, kind: str, body: Any, prompt: list[int]
 ) -> Response:
-    job = _submit(state, kind, body, prompt)
+    grammar = body.constraint_grammar()
+    constraint = None
+    if grammar is not None:  # building the matcher computes its first mask: off the event loop
+        runner, _ = state.ready()
+        constraint = await run_in_threadpool(Constraint, grammar, runner.tokenizer, runner.n_vocab)
+    job = _submit(state, kind, body, prompt, constraint)
     model = state.options.model_id
     if body.stream:
         return _EventStream(_stream(job, model), job.handle.cancel)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..constrain import Grammar, compile_grammar
 from ..engine import TokenInfo, Usage
 from ..errors import ConfigError
 from ..options import OPTIONS, check_optional
@@ -48,6 +49,16 @@ class _Generation(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # llama-server's extension: go on past the end-of-text token
+    # Structured output, at most one (constrain.compile_grammar): OpenAI's response_format, or
+    # llama-server's json_schema and grammar (GBNF; Lark too).
+    response_format: dict[str, Any] | None = None
+    json_schema: dict[str, Any] | str | None = None
+    grammar: str | None = None
+
+    def constraint_grammar(self) -> Grammar | None:
+        """The request's checked grammar, or None (GrammarError names a bad one)."""
+        return compile_grammar(json_schema=self.json_schema, grammar=self.grammar,
+                               response_format=self.response_format)  # fmt: skip
 
     def sampler(self) -> Sampler:
         """The request's sampler: given fields, the library's defaults for the others (those of
