@@ -227,7 +227,8 @@ std::shared_ptr<const RopeTable> rope_table(const RopeParams& r) {
     t->half = r.dim / 2;
     t->cos.resize(static_cast<size_t>(r.n_ctx * t->half));
     t->sin.resize(t->cos.size());
-    const float theta_scale = static_cast<float>(std::pow(r.base, -2.0 / static_cast<double>(r.dim)));
+    // ggml: powf(freq_base, -2.0f/n_dims), the exponent rounded to float first
+    const float theta_scale = std::pow(static_cast<float>(r.base), -2.0f / static_cast<float>(r.dim));
     for (int64_t p = 0; p < r.n_ctx; ++p) {
         float theta = static_cast<float>(p);
         for (int64_t i = 0; i < t->half; ++i) {

@@ -16,6 +16,7 @@ import numpy as np
 from gguf import Keys
 
 from .errors import ModelFormatError
+from .libm import logf
 
 #: Tensors every block has, by their GGUF names without the `blk.{i}.` prefix and `.weight`.
 BLOCK_TENSORS = (
@@ -390,7 +391,7 @@ def _rope_scaling(
         # get_mscale(factor, 1) / (1 + 0.1 ln factor): llama.cpp cancels the factor that
         # ggml's rope_yarn applies again (both compiled as one FMA each)
         yarn_factor = f32(1.0) / freq_scale
-        log = _logf(yarn_factor)
+        log = logf(yarn_factor)
         mscale = f32(1.0) if yarn_factor <= 1.0 else _fmaf(f32(0.1), log, f32(1.0))
         attn_factor = mscale * (f32(1.0) / _fmaf(f32(0.1), log, f32(1.0)))
     attn_factor = attn_factor * f32(get(Keys.Rope.SCALING_ATTN_FACTOR, 1.0))
@@ -413,31 +414,14 @@ def _yarn_corr_dims(
 
     def corr_dim(n_rot: float) -> np.float32:
         ratio = f32(n_ctx_orig) / (f32(n_rot) * f32(2) * f32(math.pi))
-        return f32(n_dims) * _logf(ratio) / (f32(2) * _logf(f32(base)))
+        return f32(n_dims) * logf(ratio) / (f32(2) * logf(f32(base)))
 
     start = math.floor(corr_dim(beta_fast))
     end = math.ceil(corr_dim(beta_slow))
     return float(max(0, start)), float(min(n_dims - 1, end))
 
 
-def _logf(x: Any) -> np.float32:
-    """libm's logf, the function ggml calls (numpy's float32 log may be a SIMD variant)."""
-    return np.float32(_LIBM.logf(float(x)))
-
-
 def _fmaf(a: Any, b: Any, c: Any) -> np.float32:
     """float32 a*b + c rounded once: the product of two floats is exact in a double, and the
     sum of these magnitudes (a few units) is too, so the one rounding is to float32."""
     return np.float32(float(a) * float(b) + float(c))
-
-
-def _load_libm() -> Any:
-    import ctypes
-    import ctypes.util
-
-    libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-    libm.logf.restype, libm.logf.argtypes = ctypes.c_float, [ctypes.c_float]
-    return libm
-
-
-_LIBM = _load_libm()

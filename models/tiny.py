@@ -259,7 +259,8 @@ TINY_MISTRAL = TinySpec(  # Mistral-style: architecture llama, few KV heads, lin
     extra_meta={"rope.scaling.type": "linear", "rope.scaling.factor": 2.0},
 )  # fmt: skip
 TINY_QWEN2 = TinySpec("qwen2", layer_types=LLAMA_TYPES, rope_base=1_000_000.0, qkv_bias=True)
-TINY_QWEN3 = TinySpec("qwen3", head_dim=32, layer_types=LLAMA_TYPES, rope_base=1_000_000.0)
+# head_dim 80 and base 250000: a pair where powf(base, -2.0f/dim) differs from pow in double
+TINY_QWEN3 = TinySpec("qwen3", head_dim=80, layer_types=LLAMA_TYPES, rope_base=250_000.0)
 TINY_GEMMA2 = TinySpec(
     "gemma2", n_layers=4, n_kv_heads=1, head_dim=64, sliding_window=6, layer_types=GEMMA_TYPES,
     extra_meta={"attn_logit_softcapping": 1.5, "final_logit_softcapping": 4.0},

@@ -26,6 +26,8 @@ import numba
 import numpy as np
 from numba.extending import intrinsic
 
+from ..libm import powf
+
 
 def _simd_lanes() -> int:
     """Float lanes of ggml's CPU SIMD (GGML_F32_EPR) in the llama.cpp we reproduce: the C++ core's
@@ -190,7 +192,8 @@ def rope_table(rope: RopeSpec) -> tuple[np.ndarray, np.ndarray]:
     and a one-ulp change flips roundings.
     """
     half = rope.dim // 2
-    theta_scale = np.float32(rope.base ** (-2.0 / rope.dim))
+    # ggml: powf(freq_base, -2.0f/n_dims), the exponent rounded to float first
+    theta_scale = powf(rope.base, np.float32(-2.0) / np.float32(rope.dim))
     cos = np.empty((rope.n_ctx, half), dtype=np.float32)
     sin = np.empty_like(cos)
     factors = np.ones(half, np.float32) if rope.freq_factors is None else np.array(
