@@ -315,6 +315,9 @@ class _HandWritten:
     def rewrite(text: str) -> str:
         return _ASTRAL.apply(text) if _ASTRAL.has_any(text) else text
 
+    def split_ascii(self, text: str) -> list[str]:
+        return self.findall(text)
+
     def piece_lengths(self, text: str) -> Iterator[int]:
         return (len(piece) for piece in self.findall(text))
 
@@ -343,6 +346,11 @@ class PreTokenizer:
             return []
         if self._fast is not None and not _ASTRAL.has_any(text):
             return self._fast(text)
+        if text.isascii():  # every stage runs on the text itself: split strings directly
+            pieces = [text]
+            for stage in self._stages:
+                pieces = [sub for piece in pieces for sub in stage.split_ascii(piece)]
+            return pieces
         cuts = [0, len(text)]  # piece i is text[cuts[i]:cuts[i + 1]]
         for stage in self._stages:
             view = stage.rewrite(text)  # same length as text: offsets carry over

@@ -155,14 +155,25 @@ class StdRegex:
     def __init__(self, regex: str) -> None:
         self.regex = regex
         self.collapsed = uses_categories(regex)
-        source = collapse_regex(regex) if self.collapsed else regex
-        self._pattern = re.compile(_ecmascript_to_python(source), re.ASCII)
+        source = _ecmascript_to_python(collapse_regex(regex) if self.collapsed else regex)
+        self._pattern = re.compile(source, re.ASCII)
+        # re.split with the whole pattern as one group returns gaps and matches alike, in C;
+        # only possible when the pattern has no groups of its own
+        self._split = (
+            re.compile(f"({source})", re.ASCII).split if not self._pattern.groups else None
+        )
 
     def rewrite(self, text: str) -> str:
         """The text this regex runs over (same length as `text`)."""
         if text.isascii():
             return text
         return text.translate(_COLLAPSED if self.collapsed else _WIDE)
+
+    def split_ascii(self, text: str) -> list[str]:
+        """The pieces of ASCII `text` (which needs no rewriting), empty ones left out."""
+        if self._split is not None:
+            return [piece for piece in self._split(text) if piece]
+        return _pieces(text, self.piece_lengths(text))
 
     def piece_lengths(self, text: str) -> Iterator[int]:
         """Lengths of the pieces of already rewritten `text`: matches and the gaps between them.
@@ -179,3 +190,11 @@ class StdRegex:
             end = stop
         if end < len(text):
             yield len(text) - end
+
+
+def _pieces(text: str, lengths: Iterator[int]) -> list[str]:
+    out, start = [], 0
+    for length in lengths:
+        out.append(text[start : start + length])
+        start += length
+    return out
