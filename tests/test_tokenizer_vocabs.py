@@ -88,10 +88,19 @@ def test_unsupported_vocab_refused(llama_vocab_dir: Path, name: str) -> None:
 def test_corpus_matches_llama_cpp(
     llama_vocab_dir: Path, vocab_tokenizers: dict[str, Tokenizer], name: str
 ) -> None:
+    import llama_cpp
+
     tok, llm = vocab_tokenizers[name], _llama(_vocab(llama_vocab_dir, name))
     assert (tok.bos_id, tok.eos_id) == tuple(
         None if t < 0 else t for t in (llm.token_bos(), llm.token_eos())
     )
+    vocab = llm._model.vocab  # end-of-generation set and control tokens (rendered as nothing)
+    assert set(tok.eot_ids) == {
+        i for i in range(tok.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, i)
+    }
+    assert [tok.is_control(i) for i in range(tok.n_vocab)] == [
+        llama_cpp.llama_vocab_is_control(vocab, i) for i in range(tok.n_vocab)
+    ]
     wrong = []
     for text in STRINGS:
         for add_bos, special in COMBOS:
