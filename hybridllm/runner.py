@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -121,32 +122,17 @@ class Runner:
                     warned = True
                 request = result.n_gpu_layers - 1
 
-    def _forward(self, tokens: list[int], pos0: int, first_logit: int) -> np.ndarray:
-        """Model.forward for the Context; a GPU out-of-memory in the middle of it (a prompt's
-        activations, a longer context's attention) re-plans with fewer GPU blocks, rebuilds the
-        model, evaluates the tokens the cache held before pos0 again, and retries."""
-        rebuilt = False
-        while True:
-            try:
-                if rebuilt and pos0:  # the new model's caches are empty: refill them first
-                    self.model.forward(self.context.tokens[:pos0], 0)
-                return self.model.forward(tokens, pos0, first_logit)
-            except DeviceError as exc:
-                if self.plan.n_gpu_layers == 0 or len(self.context.tokens) < pos0:
-                    raise
-                message = str(exc)
-            # out of the except block: its traceback, which holds the old model, is gone
-            self._replan(message)
-            rebuilt = True
-
-    def _replan(self, error: str) -> None:
-        """Free the GPU run, then load again with one GPU block fewer (or fewer, as planned)."""
-        warnings.warn(f"{error}; re-planning with fewer GPU blocks", RuntimeWarning, stacklevel=2)
+    def _replan(self, error: str) -> Model:
+        """After a GPU out-of-memory in the middle of a forward: free the GPU run, then load
+        again with one GPU block fewer (fewer still where that does not load) -> the new model,
+        its KV caches empty."""
+        warnings.warn(f"{error}; re-planning with fewer GPU blocks", RuntimeWarning, stacklevel=4)
         fewer = self._placement._replace(n_gpu_layers=self.plan.n_gpu_layers - 1)
         del self.model  # the old blocks' device memory goes back before the new ones load
         gc.collect()
         self.model, self.plan, self.gpu_label = self._load_model(fewer, None)
         self.n_gpu_layers = self.plan.n_gpu_layers
+        return self.model
 
     def _build(self, result: Plan, gpu: GpuStatus, progress: Any) -> Model:
         cpu = CpuBackend(self.n_threads)
@@ -401,18 +387,40 @@ def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 class _ReplanningModel:
-    """What the Runner's Context evaluates through: the Runner's current model, re-planned on
-    a GPU out-of-memory (Runner._forward)."""
+    """What the Runner's Context evaluates through: the Runner's model, until a GPU out-of-memory
+    in the middle of a forward (a prompt's activations, attention over a longer context) has the
+    Runner re-plan with fewer GPU blocks (Runner._replan); the new model's caches are then
+    refilled with the tokens the old one held before the failed call's position, and the call
+    is retried. The Runner is held weakly (a dropped Runner frees its GPU memory at once, and a
+    stream still being read without it raises the error instead of re-planning)."""
 
     def __init__(self, runner: Runner) -> None:
-        self.runner = runner
+        self.model = runner.model
+        self._runner = weakref.ref(runner)
+        self.cached: list[int] = []  # the token whose K and V sit at each cache position
 
     @property
     def n_ctx(self) -> int:
-        return self.runner.model.n_ctx
+        return self.model.n_ctx
 
     def forward(self, tokens: Sequence[int], pos0: int = 0, first_logit: int = -1) -> np.ndarray:
-        return self.runner._forward(list(tokens), pos0, first_logit)
+        tokens, refill = list(tokens), False
+        while True:
+            try:
+                if refill and pos0:
+                    self.model.forward(self.cached[:pos0], 0)
+                logits = self.model.forward(tokens, pos0, first_logit)
+                self.cached[pos0:] = tokens
+                return logits
+            except DeviceError as exc:
+                runner = self._runner()
+                if runner is None or runner.plan.n_gpu_layers == 0 or len(self.cached) < pos0:
+                    raise
+                message = str(exc)
+            # out of the except block, whose traceback holds the old model's frames
+            del self.model  # with the Runner's, the last reference: the GPU run is freed
+            self.model = runner._replan(message)
+            refill = True
 
 
 class _Placement(NamedTuple):

@@ -53,16 +53,18 @@ def _cpu(path: str, n_ctx: int, tokens: list[int]) -> tuple[np.ndarray, Runner]:
 TIE = 0.25
 
 
-def _compare(got: np.ndarray, ref: np.ndarray, what: str) -> tuple[float, float]:
+def _compare(got: np.ndarray, ref: np.ndarray, what: str, tie: float = TIE) -> tuple[float, float]:
     """-> (argmax agreement at positions without a near-tie, worst row relative difference)."""
     top2 = np.sort(ref, axis=-1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > TIE
-    argmax = float(np.mean(got.argmax(-1)[clear] == ref.argmax(-1)[clear]))
+    clear = top2[:, 1] - top2[:, 0] > tie
+    same = got.argmax(-1) == ref.argmax(-1)
+    argmax = float(np.mean(same[clear]))
     # where the CPU had a near-tie the GPU's pick must be one of the tied logits
     picked = np.take_along_axis(ref, got.argmax(-1)[:, None], axis=-1)[:, 0]
-    assert np.all(picked >= top2[:, 1] - TIE), what
+    assert np.all(picked >= top2[:, 1] - tie), what
     worst = _rel_rows(got, ref)
-    print(f"{what}: argmax {argmax:.3f} ({int(clear.sum())} of {len(clear)} positions without a near-tie), worst row rel {worst:.2e}")
+    print(f"{what}: argmax {argmax:.3f} at the {int(clear.sum())} of {len(clear)} positions without a near-tie "
+          f"(top-2 gap <= {tie}), {float(np.mean(same)):.3f} at all; worst row rel {worst:.2e}")  # fmt: skip
     return argmax, worst
 
 
@@ -92,20 +94,43 @@ def test_tiny_models_every_placement(device: Any, request: pytest.FixtureRequest
         assert r.generate("Once upon a time", max_tokens=6, temperature=0.0) == text, (k, head)
 
 
+#: SmolLM2 is chaotic at float rounding: moving the CPU's own input embeddings by 2e-7 (random,
+#: relative) moves its logits by up to 1.8e-1 of a row and swaps the argmax at 2 of 13 positions
+#: of SMOLLM_PROMPTS[0] (measured). The GPU's summation order does the same through a few
+#: flipped activation roundings, so rows part by up to ~1.2e-1 and the top two logits of a
+#: position by up to ~0.5 (measured); where the CPU's top two are closer than that, either may win.
+SMOLLM_TIE = 0.5
+SMOLLM_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. In the beginning",
+    "Once upon a time, there was a little girl who",
+    "The capital of France is",
+]
+
+
 def test_smollm_every_placement(device: Any, smollm_path: str) -> None:
     """SmolLM2 (30 blocks) with a short prompt: the emulator runs ~10^8 fiber switches a prompt.
-
-    Rows differ from the CPU's by up to 9.3e-2 (q8 decode kernels, 15 blocks) and 9.7e-2 (f16 +
-    GEMM for every row, all blocks), measured: the CPU's q8 activations and either GPU rounding
-    part that far on a 5-token prompt; the argmax agrees everywhere.
-    """
+    (Every block and the head on the GPU: test_smollm_all_gpu_over_prompts.)"""
     ref_runner = Runner(smollm_path, n_ctx=32, n_threads=2, n_gpu_layers=0)
-    tokens = ref_runner.tokenize("The capital of France is")
+    tokens = ref_runner.tokenize(SMOLLM_PROMPTS[-1])
     ref = ref_runner.logits(tokens)
-    for n_gpu, head in PLACEMENTS:
+    for n_gpu, head in PLACEMENTS[:-1]:
         k = 15 if n_gpu == "half" else n_gpu
         argmax, worst, _ = _agreement(smollm_path, k, head, 32, tokens, ref)
         assert argmax >= 0.99 and worst < 1.5e-1, (k, head, argmax, worst)
+
+
+def test_smollm_all_gpu_over_prompts(device: Any, smollm_path: str) -> None:
+    """Every block and the head on the GPU, three prompts (29 positions): the argmax equals the
+    CPU's wherever the CPU's top two logits are more than SMOLLM_TIE apart, and elsewhere the
+    GPU picks one of the two. The agreement at all positions is printed beside it (-s)."""
+    cpu = Runner(smollm_path, n_ctx=32, n_threads=2, n_gpu_layers=0)
+    gpu = Runner(smollm_path, n_ctx=32, n_threads=2, n_gpu_layers="all", gpu_margin=0, head_on_gpu=True)
+    assert gpu.plan.output == "gpu"
+    ids = [cpu.tokenize(p) for p in SMOLLM_PROMPTS]
+    ref = np.concatenate([cpu.logits(t) for t in ids])
+    got = np.concatenate([gpu.logits(t) for t in ids])
+    argmax, worst = _compare(got, ref, "smollm2 all blocks and head on the GPU, 3 prompts", tie=SMOLLM_TIE)
+    assert argmax >= 0.99 and worst < 1.5e-1, (argmax, worst)
 
 
 def test_out_of_memory_at_load_replans(device: Any, tiny_llama_path: str) -> None:
