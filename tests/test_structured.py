@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import jsonschema
@@ -208,6 +209,25 @@ def test_constrained_greedy_equals_unconstrained_greedy_where_that_is_valid(runn
         assert runner.last_stats.finish_reason == "stop", constraint
         assert constrained and free.startswith(constrained), (free, constrained)
     assert json.loads(runner.generate(FEW_SHOT, max_tokens=24, temperature=0, json_schema=PERSON))
+
+
+def test_masks_after_the_first_are_computed_on_a_worker_thread(
+    smollm: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first mask is computed at the call (so a bad constraint fails there); each later one on
+    a worker thread, started as soon as a token is chosen, so it overlaps that token's forward."""
+    threads: list[str] = []
+    compute = Constraint._compute
+
+    def spy(self: Constraint) -> None:
+        threads.append(threading.current_thread().name)
+        compute(self)
+
+    monkeypatch.setattr(Constraint, "_compute", spy)
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 4}
+    smollm.generate("Digits: ", max_tokens=20, temperature=0, json_schema=schema)
+    assert threads[0] == threading.main_thread().name
+    assert len(threads) > 3 and all(name.startswith("hybridllm-grammar") for name in threads[1:])
 
 
 def test_streaming_gives_the_same_text(smollm: Runner) -> None:
