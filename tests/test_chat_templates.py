@@ -2,8 +2,9 @@
 
 The templates (tests/data/chat_templates/, copied from llama.cpp's models/templates, which keeps
 them as the model repositories ship them): Llama 3.1 / 3.2 / 3.3, Qwen 2.5 (ChatML with tools),
-Qwen 3 (thinking), Phi-3.5, Gemma 2, Granite 3.3, Mistral Nemo. The oracle follows transformers'
-apply_chat_template (json.dumps as tojson, raise_exception, strftime_now, loop controls).
+Qwen 3 (thinking), Phi-3.5, Gemma 2, Granite 3.3, Mistral Nemo, DeepSeek-R1-Distill-Qwen and
+Hermes 3 (tool use). The oracle follows transformers' apply_chat_template (json.dumps as tojson,
+raise_exception, strftime_now, loop controls).
 Each template renders several conversations: a single turn, a system prompt, several turns, a
 tool call and its result with the tool definitions, non-ASCII and markup characters in the
 content; with and without the generation prompt.
@@ -33,6 +34,11 @@ MODELS = {
     "google-gemma-2-2b-it": ("<bos>", "<eos>"),
     "ibm-granite-granite-3.3-2B-Instruct": ("", "<|end_of_text|>"),
     "mistralai-Mistral-Nemo-Instruct-2407": ("<s>", "</s>"),
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": (
+        "<\uff5cbegin\u2581of\u2581sentence\uff5c>",
+        "<\uff5cend\u2581of\u2581sentence\uff5c>",
+    ),
+    "NousResearch-Hermes-3-Llama-3.1-8B-tool_use": ("<|begin_of_text|>", "<|im_end|>"),
 }
 FIXED_NOW = datetime(2025, 3, 7, 12, 0)  # strftime_now's date in both renderers
 
