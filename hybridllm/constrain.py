@@ -312,12 +312,13 @@ class Constraint:
         self._compute()
         self._check_mask()
         self._ready = True  # _bits holds the mask of the next step
+        self._done = self.matcher.is_stopped()
 
     @property
     def done(self) -> bool:
-        """The grammar is complete and nothing may follow (only EOS)."""
-        self._wait()
-        return self.matcher.is_stopped()
+        """The grammar is complete and nothing may follow (only EOS). Known without waiting for
+        the next mask, so a decode loop may ask right after advance/accept_token."""
+        return self._done
 
     @property
     def accepting(self) -> bool:
@@ -347,10 +348,10 @@ class Constraint:
             self._raise_if_error()
         self.steps += 1
         self._ready = False
-        if self.matcher.is_stopped():
-            return True
-        self.start()
-        return False
+        self._done = self.matcher.is_stopped()
+        if not self._done:
+            self.start()
+        return self._done
 
     # The engine's per-request hook (engine.Constraint): mask before sampling, then the token.
     def mask_logits(self, logits: np.ndarray) -> np.ndarray:

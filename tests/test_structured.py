@@ -147,6 +147,29 @@ def test_each_generation_has_its_own_matcher(smollm_path: str) -> None:
     assert first.done and second.done
 
 
+def test_done_is_known_without_waiting_for_the_next_mask(
+    smollm_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine asks `done` right after accept_token: that must not join the worker, or the
+    mask would no longer overlap the forward pass."""
+    tokenizer = Tokenizer.from_gguf(smollm_path)
+    constraint = Constraint(compile_grammar(choices=["north wind", "south wind"]), tokenizer)
+    tokens = tokenizer.encode("north wind", add_bos=False)
+    release = threading.Event()
+    compute = Constraint._compute
+
+    def held(self: Constraint) -> None:
+        release.wait(timeout=30)
+        compute(self)
+
+    monkeypatch.setattr(Constraint, "_compute", held)
+    constraint.accept_token(tokens[0])
+    assert constraint.done is False
+    assert constraint._pending is not None and not constraint._pending.done()
+    release.set()
+    assert _allowed(constraint.allowed(), tokens[1])
+
+
 def test_a_constraint_that_matches_nothing_fails_at_construction(smollm_path: str) -> None:
     tokenizer = Tokenizer.from_gguf(smollm_path)
     with pytest.raises(GrammarError, match="matches no text"):
