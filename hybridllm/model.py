@@ -193,10 +193,10 @@ class PyBlock:
         k = self._projection("attn_k", h).reshape(n, c["n_kv_heads"], dk)
         v = self._projection("attn_v", h)  # (n, kv_dim_v)
         if "attn_q_norm" in w:  # gemma3, qwen3: RMSNorm over each head's dk values; olmo2: all
-            width = -1 if c.get("qk_norm_full") else dk
-            for name, t in (("attn_q_norm", q), ("attn_k_norm", k)):
-                rows = t.reshape(n, -1) if width == -1 else t.reshape(-1, dk)
-                t[...] = be.rms_norm(rows, w[name], c["norm_eps"]).reshape(t.shape)
+            width = q.shape[1] * dk if c.get("qk_norm_full") else dk
+            q = be.rms_norm(q.reshape(-1, width), w["attn_q_norm"], c["norm_eps"]).reshape(q.shape)
+            width = k.shape[1] * dk if c.get("qk_norm_full") else dk
+            k = be.rms_norm(k.reshape(-1, width), w["attn_k_norm"], c["norm_eps"]).reshape(k.shape)
         be.rope(q, pos0, self.rope)
         be.rope(k, pos0, self.rope)
         if c["q_scale"] != 1.0:
