@@ -307,6 +307,9 @@ def summarize(model: ModelFile) -> dict[str, Any]:
             "ffn_dim": cfg.ffn_dim, "norm_eps": cfg.norm_eps, "rope_base": cfg.rope_base,
             "rope_dim": cfg.rope_dim, "sliding_window": cfg.sliding_window,
             "swa_layers": sum(cfg.swa_layers),
+            "rope_scaling": cfg.rope_scaling.kind, "rope_freq_scale": cfg.rope_scaling.freq_scale,
+            "rope_factors": model.rope_factors(None) is not None,
+            "attn_softcap": cfg.attn_softcap, "final_softcap": cfg.final_softcap,
         },  # fmt: skip
         "context_length": cfg.context_length,
         "tensor_types": histogram,
