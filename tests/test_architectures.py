@@ -127,6 +127,20 @@ def test_core_block_equals_python_block(name: str, tiny_paths: dict[str, str]) -
         np.testing.assert_array_equal(np.asarray(cc.v_cache), py.v_cache)
 
 
+def test_core_block_equals_python_block_past_512_rows(tiny_paths: dict[str, str]) -> None:
+    """gemma2's soft-cap in the long-context paths (split decode, batches at depth) of a global
+    layer, and a windowed one."""
+    mf = ModelFile(tiny_paths["gemma2"])
+    n_ctx, steps = 600, ((520, 0), (1, 520), (1, 521), (9, 522))
+    x = _inputs(mf, 531)
+    for layer in (0, 1):
+        cfg, w = block_cfg(mf.config, layer), block_weights(mf, layer, n_ctx)
+        assert cfg["attn_softcap"] and (cfg["sliding_window"] > 0) == (layer == 0)
+        py, cc = PyBlock(cfg, w, n_ctx), _core.Block(cfg, w, n_ctx)
+        for a, b in zip(_run(py, x, steps), _run(cc, x, steps), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"gemma2 layer {layer}")
+
+
 # (spec, layer, what to switch off): a cfg key dropped, or a weight dropped
 FEATURES = [
     ("llama3", 0, "weight", "rope_freqs"),
