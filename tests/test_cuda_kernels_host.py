@@ -235,25 +235,30 @@ def test_unpack_real_tensors(harness: Path, smollm_path: str, gemma_path: str) -
 def quantize_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The `quantize_q8` kernel in numpy: x (n, k) -> yq (n, k) int8, yds (n, k/32, 4), x~ = d*q.
 
-    yds = (d, d * sum of q over elements 0..15, d * sum over 16..31, 0) per block of 32.
+    As ggml's CPU quantize_row_q8_0/q8_1: q = x * (127/amax) rounded to nearest even (float32),
+    d = fp16(amax/127); yds = (d, d * sum of q over elements 0..15, d * sum over 16..31,
+    q8_1's s = fp16(d_f32 * sum of q)) per block of 32.
     """
     n, k = x.shape
-    b = x.reshape(n, k // 32, 32)
+    b = x.reshape(n, k // 32, 32).astype(np.float32)
     amax = np.abs(b).max(axis=-1)
     d = (amax / np.float32(127)).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        v = np.where(amax[..., None] == 0, 0, b / d[..., None])
-    q = (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int8)  # roundf: half away from zero
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax == 0, np.float32(0), np.float32(127) / amax).astype(np.float32)
+    q = np.rint(b * inv[..., None]).astype(np.int8)  # float32 product, half to even
     qi = q.astype(np.int32)
-    sums = np.stack([d, d * qi[..., :16].sum(-1), d * qi[..., 16:].sum(-1), np.zeros_like(d)], axis=-1)
-    approx = (q.astype(np.float64) * d[..., None]).reshape(n, k)
+    d16 = d.astype(np.float16).astype(np.float32)
+    s_q8_1 = (d * qi.sum(-1)).astype(np.float16).astype(np.float32)
+    sums = np.stack([d16, d16 * qi[..., :16].sum(-1), d16 * qi[..., 16:].sum(-1), s_q8_1], axis=-1)
+    approx = (q.astype(np.float64) * d16[..., None]).reshape(n, k)
     return q.reshape(n, k), sums.astype(np.float32), approx
 
 
 @pytest.mark.parametrize("ncols", [1, 3, 8])
 @pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
 def test_dot_matches_exact_emulation(harness: Path, qtype: T, ncols: int) -> None:
-    """mmvq's integer dot product is exactly W . x~ (x~ the 8-bit x), up to float32 rounding.
+    """mmvq's integer dot product is exactly W . x~ (x~ the 8-bit x; for Q4_1/Q5_1 the min
+    times q8_1's s), up to float32 rounding.
 
     The per-sub-block offsets (from the harness's "subs" mode) only size the rounding bound.
     """
@@ -268,6 +273,8 @@ def test_dot_matches_exact_emulation(harness: Path, qtype: T, ncols: int) -> Non
     yq, yds, approx = quantize_q8(x)
     got = _run(harness, "dot", int(qtype), rows, cols, ncols, raw, yq, yds).reshape(ncols, rows)
     exact = approx @ w.T
+    if qtype in (T.Q4_1, T.Q5_1):  # the block's min times q8_1's own rounded s, as ggml
+        exact += yds[..., 3].astype(np.float64) @ subs[..., 2].T - approx @ offset.T
     scale = np.abs(x) @ (np.abs(w) + np.abs(offset)).T
     np.testing.assert_allclose(got, exact, rtol=0, atol=float(2e-6 * scale.max()))
     # and it is a good matmul: 8-bit activations cost well under 1% on random data
