@@ -3,16 +3,18 @@
 // One step evaluates n rows x [n][dim] at positions pos0 .. pos0+n-1 inside ONE OpenMP region
 // (30 blocks x one token means a fork/join per block, not per op):
 //
-//   1  xn = rms_norm(x) * attn_norm; quantized once per activation format Q, K, V read
-//   2  q [n][H*dk], k [n][KV*dk], v [n][KV*dv] = xn @ W.T: one work list over the three, items
-//      of whole heads; the thread that computed a head applies q_norm/k_norm (gemma3), rope and
-//      Q's f16 rounding, and writes K, V rounded into the f16 caches [n_ctx][KV*dk], [n_ctx][KV*dv]
-//   3-4  o [n][H*dv] = softmax(q16 . K^T * scale + causal/window mask), rounded to f16, . V
-//      (attention.cpp: its own work split and barriers inside the region)
+//   1  xn = rms_norm(x) * attn_norm (olmo2: x); quantized once per activation format Q, K, V read
+//   2  q [n][H*dk], k [n][KV*dk], v [n][KV*dv] = xn @ W.T (+ bias, qwen2): one work list over
+//      the three, items of whole heads (olmo2: whole projections); the thread that computed
+//      them applies q_norm/k_norm (per head: gemma, qwen3; per projection: olmo2), rope (table
+//      with linear/YaRN scaling and frequency factors) and Q's scale and f16 rounding, and
+//      writes K, V rounded into the f16 caches [n_ctx][KV*dk], [n_ctx][KV*dv]
+//   3-4  o [n][H*dv] = softmax(softcap?(q16 . K^T) * scale + causal/window mask), rounded to
+//      f16, . V (attention.cpp: its own work split and barriers inside the region)
 //   5  quantize o;  6  att = o @ Wo.T
-//   7  x += post_attention_norm?(att); h = rms_norm(x) * ffn_norm; quantize h
+//   7  x += post_attention_norm?(att) * residual_scale; h = rms_norm(x) * ffn_norm; quantize h
 //   8  a [n][ffn] = act(h @ Wg.T) * (h @ Wu.T)   (activation applied per weight-row chunk)
-//   9  quantize a;  10  f = a @ Wd.T;  11  x += post_ffw_norm?(f)
+//   9  quantize a;  10  f = a @ Wd.T;  11  x += post_ffw_norm?(f) * residual_scale
 //
 // Decode steps (n <= 4) do the row-wise steps 1, 5, 7, 9 in every thread at once, each into its
 // own buffers, so the team meets only after the matmuls and the attention (6 barriers a block).

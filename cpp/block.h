@@ -1,4 +1,4 @@
-// _core.Block: one transformer block (llama / gemma3 layouts) forward per call, the CPU decode
+// _core.Block: one transformer block (every layout of config.ARCHITECTURES) forward per call, the CPU decode
 // hot path. Same constructor, forward and caches as hybridllm.model.PyBlock, and the same
 // numerics as PyBlock on backends/cpu.py (which follow llama.cpp's CPU path bit for bit outside
 // the quantized matmuls; the matmuls are the same _core kernels).

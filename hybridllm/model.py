@@ -1,8 +1,9 @@
 """The transformer: embed -> blocks -> final norm -> head, with a float16 KV cache per block.
 
-The block is written once (`PyBlock.forward`); llama and gemma3 differ only through the
-per-block `cfg` (rope layout and base, window, activation) and which optional norms exist in
-`weights`. `block_cfg`/`block_weights` build exactly the dicts that the C++ `_core.Block` takes,
+The block is written once (`PyBlock.forward`); the architectures of config.ARCHITECTURES differ
+only through the per-block `cfg` (rope layout, base and scaling, window, activation, soft-cap,
+residual scale, where the Q scale applies) and which optional vectors exist in `weights` (norms,
+Q/K/V biases, rope frequency factors). `block_cfg`/`block_weights` build exactly the dicts that the C++ `_core.Block` takes,
 so a CPU block is either `_core.Block(cfg, weights, n_ctx)` or `PyBlock(cfg, weights, n_ctx)`,
 and `make_block` picks one. PyBlock runs its ops through a backend object (backends/cpu.py) so
 that a device backend providing the same ops runs the same block.
