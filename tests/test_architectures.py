@@ -95,6 +95,17 @@ def test_greedy_continuations_equal(pair: tuple[str, Pair]) -> None:
         assert ours == theirs, f"{name}: {prompt!r}"
 
 
+@pytest.mark.parametrize("name", ["llama-yarn", "gemma2", "phi3"])
+def test_python_block_logits_equal_llama_cpp(
+    name: str, tiny_paths: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole model on the Python block (HYBRIDLLM_BLOCK=python) against llama.cpp."""
+    monkeypatch.setenv("HYBRIDLLM_BLOCK", "python")
+    p = Pair(tiny_paths[name])
+    ids = p.ours.tokenize(PROMPTS[0])
+    np.testing.assert_array_equal(p.ours.logits(ids), p.their_logits(ids))
+
+
 # --- the C++ block against the Python block ------------------------------------------------------
 _core = pytest.importorskip("hybridllm._core")
 STEPS = ((7, 0), (1, 7), (1, 8), (5, 9), (1, 14))  # a prefill, decode steps, a chunk at pos0 > 0
