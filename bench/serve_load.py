@@ -149,6 +149,8 @@ def main() -> int:
         raise SystemExit("--url: loopback addresses only")
     label = args.label or ("hybridllm" if args.model else url)
     try:
+        # one request first, not measured: first-call costs (page faults, lazy compiles) are not load
+        asyncio.run(run_round(url, 1, 1, 8, args.timeout))
         rows = []
         for n in (int(c) for c in args.clients.split(",")):
             row = {
