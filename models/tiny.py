@@ -250,7 +250,7 @@ TINY_LLAMA3 = TinySpec(
     rope_factors=("rope_freqs.weight",),
 )  # fmt: skip
 TINY_LLAMA_YARN = TinySpec(
-    "llama", layer_types=LLAMA_TYPES, context_length=512,
+    "llama", layer_types=LLAMA_TYPES,
     extra_meta={"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
                 "rope.scaling.original_context_length": 128, "rope.scaling.attn_factor": 1.25},
 )  # fmt: skip
@@ -272,7 +272,7 @@ TINY_GRANITE = TinySpec(
 )  # fmt: skip
 TINY_OLMO2 = TinySpec("olmo2", tied=False, layer_types=LLAMA_TYPES, rope_base=500_000.0)
 TINY_PHI3 = TinySpec(
-    "phi3", n_heads=4, n_kv_heads=4, layer_types=PHI3_TYPES, context_length=512,
+    "phi3", n_heads=4, n_kv_heads=4, layer_types=PHI3_TYPES,
     rope_factors=("rope_factors_long.weight", "rope_factors_short.weight"),
     extra_meta={"rope.scaling.original_context_length": 64, "rope.scaling.attn_factor": 1.19},
 )  # fmt: skip

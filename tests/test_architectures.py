@@ -95,6 +95,18 @@ def test_greedy_continuations_equal(pair: tuple[str, Pair]) -> None:
         assert ours == theirs, f"{name}: {prompt!r}"
 
 
+@pytest.mark.parametrize("name", ["llama3", "llama-yarn", "gemma2", "phi3"])
+def test_long_prompt_logits_equal_llama_cpp(name: str, tiny_paths: dict[str, str]) -> None:
+    """~600 tokens (past YaRN's and LongRoPE's original contexts, several 512-row chunks and the
+    attention's long-context paths), every position."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent / "data" / "perplexity_text.txt").read_text(encoding="utf-8")
+    p = Pair(tiny_paths[name], n_ctx=1024)
+    ids = p.ours.tokenize(text)[:600]
+    np.testing.assert_array_equal(p.ours.logits(ids), p.their_logits(ids))
+
+
 @pytest.mark.parametrize("name", ["llama-yarn", "gemma2", "phi3"])
 def test_python_block_logits_equal_llama_cpp(
     name: str, tiny_paths: dict[str, str], monkeypatch: pytest.MonkeyPatch
