@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -264,6 +264,7 @@ class ModelConfig:
             tokens = meta(Keys.Tokenizer.LIST)
             vocab = len(tokens) if tokens is not None else 0
         granite = spec.granite_scales
+        rope_scaling = _rope_scaling(get, source, context_length, rope_dim, rope_base)
         config = cls(
             arch=arch,
             name=str(meta(Keys.General.NAME) or arch),
@@ -282,20 +283,19 @@ class ModelConfig:
                 get(Keys.Rope.FREQ_BASE_SWA, spec.default_rope_base_swa or rope_base)
             ),
             rope_dim=rope_dim,
-            rope_scale=1.0,
+            rope_scale=1.0 / rope_scaling.freq_scale,
             sliding_window=window,
             swa_layers=swa_layers,
             attn_scale=_attention_scale(spec, get, n_layers, dim, n_heads, head_dim_k),
             tied_embeddings=not has_output,
             spec=spec,
-            rope_scaling=_rope_scaling(get, source, context_length, rope_dim, rope_base),
+            rope_scaling=rope_scaling,
             embedding_scale=float(get(Keys.LLM.EMBEDDING_SCALE, 0.0) or 1.0) if granite else 1.0,
             residual_scale=float(get(Keys.LLM.RESIDUAL_SCALE, 0.0) or 1.0) if granite else 1.0,
             logit_scale=float(need(Keys.LLM.LOGIT_SCALE)) if granite else 1.0,
             attn_softcap=float(get(Keys.LLM.ATTN_LOGIT_SOFTCAPPING, spec.attn_softcap)),
             final_softcap=float(get(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, spec.final_softcap)),
         )
-        config = replace(config, rope_scale=1.0 / config.rope_scaling.freq_scale)
         config.validate(source)
         return config
 

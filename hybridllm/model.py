@@ -33,7 +33,6 @@ BLOCK_VECTORS = (
     "attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm",
     "attn_q_bias", "attn_k_bias", "attn_v_bias", "rope_freqs",
 )  # fmt: skip
-BLOCK_NORMS = BLOCK_VECTORS  # the name other modules know
 #: Prompt tokens are evaluated in chunks of at most this many rows (llama.cpp's n_ubatch).
 UBATCH = 512
 
