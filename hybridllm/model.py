@@ -22,7 +22,7 @@ import numpy as np
 
 from .backends.cpu import CpuBackend, Matrix, RopeSpec
 from .config import ModelConfig
-from .errors import ContextFullError
+from .errors import ContextFullError, ModelFormatError
 from .gguf_file import ModelFile, Tensor
 
 #: Quantized matrices of a block, by their GGUF names without `blk.{i}.` and `.weight`.
@@ -91,7 +91,8 @@ def block_weights(model_file: ModelFile, layer: int, n_ctx: int | None = None) -
     tensors = model_file.block_tensors(layer)
     out: dict[str, Any] = {}
     if cfg.spec.fused:
-        out |= _fused_matrices(cfg, tensors[f"blk.{layer}.attn_qkv.weight"], tensors[f"blk.{layer}.ffn_up.weight"])
+        qkv, up = tensors[f"blk.{layer}.attn_qkv.weight"], tensors[f"blk.{layer}.ffn_up.weight"]
+        out |= _fused_matrices(cfg, qkv, up, str(model_file.path))
     for name in BLOCK_MATRICES:
         if name not in out:
             out[name] = _matrix(tensors[f"blk.{layer}.{name}.weight"])
@@ -106,7 +107,7 @@ def block_weights(model_file: ModelFile, layer: int, n_ctx: int | None = None) -
     return out
 
 
-def _fused_matrices(config: ModelConfig, qkv: Tensor, up: Tensor) -> dict[str, Matrix]:
+def _fused_matrices(config: ModelConfig, qkv: Tensor, up: Tensor, source: str) -> dict[str, Matrix]:
     """phi3: attn_qkv (q_dim + 2 kv_dim rows) as attn_q/k/v, ffn_up (2 ffn rows) as gate, up.
 
     The rows of a GGUF matrix are independent, so row ranges of the raw bytes are the matrices
@@ -114,6 +115,11 @@ def _fused_matrices(config: ModelConfig, qkv: Tensor, up: Tensor) -> dict[str, M
     """
     q, k = config.q_dim, config.kv_dim_k
     cols, ffn = qkv.shape[1], config.ffn_dim
+    for t, rows in ((qkv, q + k + config.kv_dim_v), (up, 2 * ffn)):
+        if t.shape != (rows, config.dim):
+            raise ModelFormatError(
+                f"{source}: tensor {t.name!r} has shape {t.shape}, expected ({rows}, {config.dim})"
+            )
     ranges = {
         "attn_q": (qkv, 0, q), "attn_k": (qkv, q, q + k), "attn_v": (qkv, q + k, qkv.shape[0]),
         "ffn_gate": (up, 0, ffn), "ffn_up": (up, ffn, 2 * ffn),
