@@ -1,8 +1,10 @@
 """ModelConfig: everything the forward pass needs, read once from GGUF metadata.
 
 Architectures differ only by data: `ARCHITECTURES` maps a GGUF `general.architecture` to an
-`ArchSpec` (rope style, activation, which optional norms exist, the sliding-window pattern).
-Adding qwen2 or phi3 means adding a row here (and any new tensor names to its spec).
+`ArchSpec` (rope style, activation, which norms exist and where, fused matrices, the sliding-window
+pattern, soft-caps, scales, rope frequency factors), each fact as llama.cpp's
+src/models/<arch>.cpp has it. `RopeScaling` is llama.cpp's reading of `rope.scaling.*`.
+Adding an architecture that needs no new operation is a row here.
 """
 
 from __future__ import annotations
