@@ -292,9 +292,18 @@ class Engine:
                 self._drop_cancelled()
                 self._admit()
             if self._active:
-                self._tick()
-        for seq in self._active:
-            self._finish(seq, "cancelled")
+                try:
+                    self._tick()
+                except Exception as exc:  # noqa: BLE001 - a fault here must not stop the engine
+                    for seq in list(self._active):
+                        seq.slot.tokens.clear()
+                        self._fail(seq, f"internal error: {type(exc).__name__}: {exc}")
+        with self._wake:
+            for seq in list(self._active):
+                self._finish(seq, "cancelled")
+            for handle in self._waiting:
+                _send(handle.request, Finished("cancelled", Usage(0, 0, 0, 0.0, 0.0)))
+            self._waiting.clear()
 
     def _drop_cancelled(self) -> None:
         for handle in [h for h in self._waiting if h.cancelled]:

@@ -22,7 +22,7 @@ from hybridllm.engine import (
     SamplingState,
     model_with_own_cache,
 )
-from hybridllm.model import Model, PyBlock
+from hybridllm.model import Model, PyBlock, core_block_class
 from hybridllm.runner import Runner
 from hybridllm.sampling import Sampler
 
@@ -245,12 +245,18 @@ def test_a_constraint_masks_the_logits(runner: Runner, engine: Engine) -> None:
     assert text == " the" * 4 and seen == [only] * 4
 
 
-def test_slot_models_share_weights_and_own_their_caches(tiny_llama_path: str) -> None:
+@pytest.mark.parametrize("block", ["default", "python"])
+def test_slot_models_share_weights_and_own_their_caches(
+    tiny_llama_path: str, block: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from hybridllm.gguf_file import ModelFile
 
+    if block == "python":
+        monkeypatch.setenv("HYBRIDLLM_BLOCK", "python")
     model = Model(ModelFile(tiny_llama_path), n_ctx=32, n_threads=1)
     clone = model_with_own_cache(model)
     assert clone.head is model.head and clone.embedding is model.embedding
+    assert isinstance(model.blocks[0], PyBlock) == (block == "python" or core_block_class() is None)
     for a, b in zip(model.blocks, clone.blocks, strict=True):
         assert a is not b
         if isinstance(a, PyBlock):
@@ -273,3 +279,20 @@ def test_a_complete_grammar_stops_the_request(runner: Runner, engine: Engine) ->
     text, end = _collect(engine.generate(args))
     assert text in choices and end.reason == "stop"
     assert text == runner.generate(prompt, max_tokens=16, temperature=0, choices=choices)
+
+
+def test_stop_ends_active_and_waiting_requests(runner: Runner) -> None:
+    engine = Engine(runner.model, runner.tokenizer, n_slots=1, max_queue=2)
+    events: queue.Queue = queue.Queue()
+    args = {**_args(runner, PROMPTS[0], None), "stop_ids": ()}
+    engine.submit(Request(emit=events.put, **args))
+    engine.submit(Request(emit=events.put, **_args(runner, PROMPTS[1], 4)))
+    engine.start()
+    assert isinstance(events.get(), Piece)
+    engine.stop()
+    ends = []
+    while not events.empty():
+        event = events.get()
+        if not isinstance(event, Piece):
+            ends.append(event)
+    assert [e.reason for e in ends] == ["cancelled", "cancelled"]

@@ -331,6 +331,18 @@ def test_disconnect_mid_stream_frees_the_slot(server: Server) -> None:
     assert max(s["n_cached"] for s in slots) < N_CTX - 1  # stopped early, not at a full context
 
 
+def test_disconnect_while_waiting_for_a_whole_answer_frees_the_slot(server: Server) -> None:
+    body = {"prompt": PROMPTS[2], "temperature": 0, "ignore_eos": True}  # until the context is full
+    with pytest.raises(httpx.ReadTimeout):
+        server.http.post("/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while any(s["is_processing"] for s in server.slots()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    slots = server.slots()
+    assert not any(s["is_processing"] for s in slots)
+    assert max(s["n_cached"] for s in slots) < N_CTX - 1
+
+
 # --- errors ---------------------------------------------------------------------------------
 def _error(response: httpx.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
@@ -397,6 +409,10 @@ def test_prompt_longer_than_the_context_is_400(server: Server) -> None:
         server.post("/v1/completions", {"prompt": "word " * N_CTX, "max_tokens": 2}), 400
     )
     assert error["code"] == "context_length_exceeded" and str(N_CTX) in error["message"]
+    # far too long to tokenize at all: refused by its size in bytes
+    huge = {"messages": [{"role": "user", "content": "word " * 100_000}]}
+    error = _error(server.post("/v1/chat/completions", huge), 400)
+    assert error["code"] == "context_length_exceeded" and "at least" in error["message"]
 
 
 def test_unknown_route_is_404_and_unknown_fields_are_ignored(server: Server) -> None:

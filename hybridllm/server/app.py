@@ -63,6 +63,13 @@ def _bad_request(message: str, code: str = "invalid_value") -> ApiError:
     return ApiError(400, message, "invalid_request_error", code)
 
 
+def _context_exceeded(n_tokens: str, n_ctx: int) -> ApiError:
+    return _bad_request(
+        f"the prompt has {n_tokens} tokens, more than the context of {n_ctx} tokens per slot "
+        "holds (start the server with a larger --ctx)", "context_length_exceeded",
+    )  # fmt: skip
+
+
 @dataclass
 class ServerOptions:
     model_id: str
@@ -80,6 +87,7 @@ class ServerState:
         self.runner: Any = None
         self.engine: Engine | None = None
         self.load_error: str | None = None
+        self.max_token_bytes = 1  # the longest token's text, in bytes (set at load)
         self.on_load_error: Callable[[str], None] = lambda message: None
 
     def load(self) -> None:
@@ -94,6 +102,10 @@ class ServerState:
             self.load_error = _describe(exc, debug=False)
             self.on_load_error(self.load_error)
             return
+        tokenizer = runner.tokenizer
+        self.max_token_bytes = max(
+            len(tokenizer.token_to_piece(i, special=True)) for i in range(tokenizer.n_vocab)
+        )
         engine.start()
         self.runner, self.engine = runner, engine
         print(f"hybridllm: model loaded in {runner.load_seconds:.1f} s; ready", file=sys.stderr,
@@ -104,6 +116,14 @@ class ServerState:
             message = self.load_error or "Loading model"
             raise ApiError(503, message, "unavailable_error", "model_loading")
         return self.runner, self.engine
+
+    def check_text_fits(self, n_bytes: int) -> None:
+        """Refuse a text too long for a slot's context before tokenizing it: it has at least
+        n_bytes / max_token_bytes tokens (tokenizing megabytes would only waste the CPU)."""
+        _, engine = self.ready()
+        at_least = -(-n_bytes // self.max_token_bytes)
+        if at_least > engine.n_ctx:
+            raise _context_exceeded(f"at least {at_least}", engine.n_ctx)
 
     def authorize(self, request: Request) -> None:
         key = self.options.api_key
@@ -157,16 +177,23 @@ class _Inbox:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
     async def events(self, request: Request | None) -> AsyncIterator[Event]:
-        """Events until Finished or Failed; with `request`, stop when its client disconnects."""
+        """Events until Finished or Failed; with `request`, stop when its client disconnects
+        (checked every DISCONNECT_POLL_SECONDS, whether events are flowing or not)."""
+        next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
         while True:
             if request is None:
                 event = await self.queue.get()
             else:
                 try:
-                    event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_SECONDS)
+                    wait = max(next_check - time.monotonic(), 0.0)
+                    event = await asyncio.wait_for(self.queue.get(), wait)
                 except TimeoutError:
+                    event = None
+                if time.monotonic() >= next_check:
                     if await request.is_disconnected():
                         return
+                    next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
+                if event is None:
                     continue
             yield event
             if not isinstance(event, Piece):
@@ -208,10 +235,7 @@ def _submit(
     if not prompt:
         raise _bad_request("the prompt is empty")
     if len(prompt) > engine.n_ctx:
-        raise _bad_request(
-            f"the prompt has {len(prompt)} tokens, more than the context of {engine.n_ctx} tokens "
-            "per slot holds (start the server with a larger --ctx)", "context_length_exceeded",
-        )  # fmt: skip
+        raise _context_exceeded(str(len(prompt)), engine.n_ctx)
     inbox = _Inbox()
     stop_ids = () if body.ignore_eos else runner.tokenizer.eot_ids
     request = EngineRequest(prompt, sampling, inbox.emit, limit, stop, stop_ids, n_logprobs)
@@ -330,6 +354,7 @@ def create_app(state: ServerState) -> Starlette:
         runner, _ = state.ready()
         body = await read_json(request, schemas.ChatRequest, limit)
         messages = [m.plain(i) for i, m in enumerate(body.messages)]
+        state.check_text_fits(sum(len(m["content"].encode()) for m in messages))
         prompt = await run_in_threadpool(runner.chat_tokens, messages)
         return await _respond(state, request, "chat", body, prompt)
 
@@ -337,6 +362,8 @@ def create_app(state: ServerState) -> Starlette:
         state.authorize(request)
         runner, _ = state.ready()
         body = await read_json(request, schemas.CompletionRequest, limit)
+        if isinstance(body.prompt, str):
+            state.check_text_fits(len(body.prompt.encode()))
         prompt = await run_in_threadpool(_completion_prompt, runner, body.prompt)
         return await _respond(state, request, "text", body, prompt)
 
