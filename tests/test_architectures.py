@@ -249,3 +249,30 @@ def test_gpu_keeps_unverified_architectures_on_the_cpu(
     assert runner.plan.n_gpu_layers == 0 and "architecture 'gemma2'" in runner.gpu_label
     with pytest.raises(DeviceError, match="llama3.gguf.*rope frequency factors|rope frequency factors.*llama3.gguf"):
         Runner(tiny_paths["llama3"], n_ctx=64, n_gpu_layers=1)
+
+
+def _gemma2_meta(**extra: object) -> dict[str, object]:
+    meta = {
+        "general.architecture": "gemma2", "gemma2.embedding_length": 64, "gemma2.block_count": 6,
+        "gemma2.attention.head_count": 4, "gemma2.feed_forward_length": 256,
+        "gemma2.attention.layer_norm_rms_epsilon": 1e-6, "gemma2.vocab_size": 100,
+    }  # fmt: skip
+    return meta | {f"gemma2.{k}": v for k, v in extra.items()}
+
+
+@pytest.mark.parametrize(
+    ("extra", "swa"),
+    [
+        ({}, (True, False) * 3),  # gemma2's default: window 4096 on alternate layers
+        ({"attention.sliding_window_pattern": 3}, (True, True, False) * 2),
+        ({"attention.sliding_window_pattern": [True, False, False, True, True, False]},
+         (True, False, False, True, True, False)),
+    ],
+)  # fmt: skip
+def test_sliding_window_pattern(extra: dict, swa: tuple[bool, ...]) -> None:
+    """llama.cpp's load_swa_pattern: a per-layer array, a period, or the architecture's period."""
+    from hybridllm.config import ModelConfig
+
+    cfg = ModelConfig.from_metadata(_gemma2_meta(**extra).get, has_output=False)
+    assert cfg.swa_layers == swa and cfg.sliding_window == 4096
+    assert (cfg.attn_softcap, cfg.final_softcap) == (50.0, 30.0)  # gemma2's defaults
