@@ -27,7 +27,7 @@ GELU through ggml's f16 table, SiLU through ggml's vectorised expf (bit for bit)
 squares summed in double, rope from the CPU's own cos/sin table (uploaded once per RopeSpec)
 with ggml's FMA rounding, so rope and GELU/SiLU are bit-identical to the CPU. Decode matmuls of
 the 32-block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) quantize their activations as the CPU does
-(q8_0/q8_1 rounding) and differ from it only in summation order (~2e-7 relative); K-quants
+(q8_0/q8_1 rounding) and differ from it only in summation order (~3e-7 relative); K-quants
 share those blocks of 32 where the CPU uses q8_K's one scale per 256, and prefill rounds the
 activations to f16 for cuBLAS, so those agree to about 1e-3 relative, not bit for bit.
 
