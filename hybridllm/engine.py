@@ -234,6 +234,8 @@ class Engine:
             )
         handle = RequestHandle(self, request)
         with self._wake:
+            if self._stopping:
+                raise QueueFullError("the engine is shutting down")
             n_free = sum(not s.busy for s in self.slots)
             if len(self._waiting) >= self.max_queue + n_free:
                 raise QueueFullError(

@@ -5,6 +5,7 @@ client and raw HTTP (httpx). Answers are compared with Runner (and llama.cpp) on
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -388,6 +389,10 @@ def test_bad_completion_prompts_are_400(server: Server) -> None:
         _error(server.post("/v1/completions", {"prompt": prompt, "max_tokens": 2}), 400)
     _error(server.post("/detokenize", {"tokens": [-3]}), 400)
     _error(server.post("/v1/completions", {"prompt": "x", "logprobs": 99}), 400)
+    assert (
+        "echo"
+        in _error(server.post("/v1/completions", {"prompt": "x", "echo": True}), 400)["message"]
+    )
 
 
 def test_openai_client_sees_bad_request(server: Server) -> None:
@@ -509,3 +514,19 @@ def test_structured_output(server: Server, runner: Runner) -> None:
         "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}},
     }
     assert _error(server.post("/v1/chat/completions", bad), 400)["type"] == "invalid_request_error"
+
+
+def test_sigterm_ends_open_streams_cleanly(smollm_path: str) -> None:
+    """Stopping the server ends an open stream with its finish chunk and [DONE], then exits."""
+    s = Server(smollm_path, "-np", "1")
+    body = {"prompt": PROMPTS[1], "temperature": 0, "stream": True, "ignore_eos": True}
+    with s.http.stream("POST", "/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        s.proc.terminate()
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][len("data: ") :])["choices"][0]["finish_reason"] == "stop"
+    # uvicorn re-raises the signal once it has shut down, so the status is SIGTERM's own
+    assert s.proc.wait(timeout=DEADLINE_SECONDS) in (0, -signal.SIGTERM)
+    s.http.close()

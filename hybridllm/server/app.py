@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import uvicorn
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -476,12 +477,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(state: ServerState, host: str, port: int) -> int:
     """Serve until interrupted -> exit status (1 when the model failed to load)."""
-    import uvicorn
-
     sock = listen(host, port)
     config = uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=3,
                             access_log=False)  # fmt: skip
-    server = uvicorn.Server(config)
+    server = _Server(config, state)
 
     def load_failed(message: str) -> None:
         server.should_exit = True
@@ -493,6 +492,21 @@ def serve(state: ServerState, host: str, port: int) -> int:
     if state.load_error is not None:
         raise _LoadFailed(state.load_error)
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server that, on Ctrl-C or SIGTERM, also stops the engine: open streams then
+    end with their finish chunk and [DONE] instead of being cut by the shutdown."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        engine = self.state.engine
+        if engine is not None:  # not in the signal handler itself: stop() takes the engine's lock
+            threading.Thread(target=engine.stop, daemon=True).start()
+        super().handle_exit(sig, frame)
 
 
 class _LoadFailed(HybridLLMError):

@@ -132,6 +132,13 @@ class CompletionRequest(_Generation):
     logprobs: int | None = None
     echo: bool = False
 
+    def limit(self) -> int | None:
+        if self.echo:
+            raise ConfigError(
+                "echo=true: returning the prompt with the completion is not supported"
+            )
+        return super().limit()
+
     def n_logprobs(self) -> int | None:
         if self.logprobs is None:
             return None
