@@ -254,8 +254,9 @@ TINY_LLAMA_YARN = TinySpec(
     extra_meta={"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
                 "rope.scaling.original_context_length": 128, "rope.scaling.attn_factor": 1.25},
 )  # fmt: skip
-TINY_MISTRAL = TinySpec(  # Mistral-style: architecture llama, few KV heads, linear rope scaling
-    "llama", n_heads=8, n_kv_heads=2, dim=128, tied=False, layer_types=LLAMA_TYPES,
+TINY_MISTRAL = TinySpec(  # Mistral-style: architecture llama, few KV heads, linear rope scaling,
+    # key length 32 other than dim / heads (as Mistral Nemo's 128 for 5120 / 32)
+    "llama", n_heads=8, n_kv_heads=2, dim=128, head_dim=32, tied=False, layer_types=LLAMA_TYPES,
     extra_meta={"rope.scaling.type": "linear", "rope.scaling.factor": 2.0},
 )  # fmt: skip
 TINY_QWEN2 = TinySpec("qwen2", layer_types=LLAMA_TYPES, rope_base=1_000_000.0, qkv_bias=True)
