@@ -14,8 +14,8 @@ its new tokens. Requests beyond the slots wait in a bounded queue, in arrival or
 
 The scheduler runs in its own thread (the forward is C++ that releases the GIL, so an event
 loop in another thread stays responsive). Each tick it samples one token for every decoding
-sequence (round robin), then evaluates those tokens plus one chunk of at most `prefill_chunk`
-tokens of one prompt being prefilled, so a long prompt never freezes the other streams.
+sequence (round robin), then evaluates those tokens plus at most `prefill_chunk` tokens of the
+prompts being prefilled, so a long prompt never freezes the other streams.
 `_evaluate` takes the tick's work as rows of (slot, tokens, pos0): today it runs one forward
 per slot; a batched forward over several sequences' rows slots in there, under the same
 interface. Results come back through each request's `emit(event)` callback, called on the
@@ -334,15 +334,7 @@ class Engine:
                 token = self._sample(seq)
                 if token is not None:
                     work.append((seq, [token]))
-        prefilling = [s for s in self._active if s.pending and not s.handle.cancelled]
-        if prefilling:
-            seq = prefilling[self._prefill_turn % len(prefilling)]
-            self._prefill_turn += 1
-            chunk, seq.pending = (
-                seq.pending[: self.prefill_chunk],
-                seq.pending[self.prefill_chunk :],
-            )
-            work.append((seq, chunk))
+        work.extend(self._prefill_chunks())
         for (seq, _tokens), result in zip(work, self._evaluate(work), strict=True):
             if isinstance(result, Exception):
                 seq.slot.tokens.clear()  # the cache may hold part of the failed rows
@@ -352,6 +344,21 @@ class Engine:
                 if seq.logits is None:  # the prompt's last chunk: prefill done
                     seq.prompt_seconds = time.perf_counter() - seq.t_start
                 seq.logits = result
+
+    def _prefill_chunks(self) -> list[tuple[_Sequence, list[int]]]:
+        """This tick's prompt tokens: at most prefill_chunk in all, taken round robin from the
+        prompts being prefilled (several short prompts share a tick; a long one takes turns)."""
+        prefilling = [s for s in self._active if s.pending and not s.handle.cancelled]
+        chunks, budget = [], self.prefill_chunk
+        for i in range(len(prefilling)):
+            if budget == 0:
+                break
+            seq = prefilling[(self._prefill_turn + i) % len(prefilling)]
+            chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
+            chunks.append((seq, chunk))
+            budget -= len(chunk)
+        self._prefill_turn += 1
+        return chunks
 
     def _evaluate(self, work: list[tuple[_Sequence, list[int]]]) -> list[Any]:
         """Evaluate each row group (sequence, its tokens at the slot's next positions) ->

@@ -296,3 +296,26 @@ def test_stop_ends_active_and_waiting_requests(runner: Runner) -> None:
         if not isinstance(event, Piece):
             ends.append(event)
     assert [e.reason for e in ends] == ["cancelled", "cancelled"]
+
+
+def test_a_long_prompt_does_not_freeze_other_streams(runner: Runner) -> None:
+    """While a 200-token prompt is prefilled 16 tokens a tick, a decoding stream gets a token
+    every tick: about 200 / 16 of them before the long request's first token."""
+    engine = Engine(runner.model, runner.tokenizer, n_slots=2, max_queue=2, prefill_chunk=16)
+    log: queue.Queue = queue.Queue()
+    engine.start()
+    try:
+        args = {**_args(runner, PROMPTS[0], None), "stop_ids": ()}
+        streaming = engine.submit(Request(emit=lambda e: log.put(("a", e)), **args))
+        assert log.get()[0] == "a"  # decoding
+        long_prompt = runner.tokenize("word " * 200, special=True)
+        assert len(long_prompt) >= 200
+        long_args = {**_args(runner, "x", 1), "prompt": long_prompt}
+        engine.submit(Request(emit=lambda e: log.put(("b", e)), **long_args))
+        a_tokens = 0
+        while (item := log.get())[0] == "a":
+            a_tokens += len(item[1].tokens)
+        assert a_tokens >= len(long_prompt) // 16 - 1
+        streaming.cancel()
+    finally:
+        engine.stop()
