@@ -34,18 +34,30 @@ namespace {
 
 constexpr size_t align64(size_t v) { return (v + 63) & ~size_t{63}; }
 
-// Bytes of each array, in the order they sit in the buffer:
-//   ACT_Q8_32:  qs [n][cols] int8 | d [n][nb] float | s [n][nb] float
+// Bytes of each array, in the order they sit in the buffer (nb = cols / block size):
+//   ACT_Q8_32:  qs [n][cols] int8 | d [n][nb] | s [n][nb] | d_t [nb][n] | s_t | q5_start [n][cols/4] int32
+//   ACT_Q8_1:   qs [n][cols] int8 | d [n][nb] | s [n][nb] | d_t [nb][n] | s_t [nb][n]
 //   ACT_Q8_K:   qs [n][cols] int8 | d [n][nb] float | bsums [n][cols/16] int16
 struct Sizes {
-    size_t qs, d, extra;
+    size_t qs, d, extra, d_t, s_t, q5_start;
+    size_t total() const { return qs + d + extra + d_t + s_t + q5_start; }
 };
 
 Sizes sizes(int kind, int64_t n, int64_t cols) {
     const size_t nn = static_cast<size_t>(n), cc = static_cast<size_t>(cols);
-    if (kind == ACT_Q8_32 || kind == ACT_Q8_1) return {align64(nn * cc), align64(nn * (cc / QK) * 4), align64(nn * (cc / QK) * 4)};
-    if (kind == ACT_Q8_K) return {align64(nn * cc), align64(nn * (cc / QK_K) * 4), align64(nn * (cc / 16) * 2)};
-    return {0, 0, 0};
+    if (kind == ACT_Q8_32 || kind == ACT_Q8_1) {
+        const size_t per_block = align64(nn * (cc / QK) * 4);
+        const size_t q5 = kind == ACT_Q8_32 ? align64(nn * cc) : 0;
+        return {align64(nn * cc), per_block, per_block, per_block, per_block, q5};
+    }
+    if (kind == ACT_Q8_K) return {align64(nn * cc), align64(nn * (cc / QK_K) * 4), align64(nn * (cc / 16) * 2), 0, 0, 0};
+    return {0, 0, 0, 0, 0, 0};
+}
+
+// -16 * the sums of each 4 consecutive codes (Q5_0's offset, in dot_u8s8's int32 lanes).
+void q5_start_lanes(const int8_t* q, int64_t cols, int32_t* lanes) {
+    for (int64_t l = 0; l < cols / 4; ++l)
+        lanes[l] = -16 * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
 }
 
 // float -> nearest IEEE half (round to nearest even), back to float: llama.cpp's
@@ -180,8 +192,7 @@ void quantize_block_q8_K(const float* x, int8_t* q, float* d, int16_t* bsums) {
 }  // namespace
 
 size_t acts_bytes(int kind, int64_t n, int64_t cols) {
-    const Sizes s = sizes(kind, n, cols);
-    return s.qs + s.d + s.extra;
+    return sizes(kind, n, cols).total();
 }
 
 QActs acts_layout(int kind, int64_t n, int64_t cols, void* buf, const float* x) {
@@ -198,9 +209,13 @@ QActs acts_layout(int kind, int64_t n, int64_t cols, void* buf, const float* x) 
     auto* base = static_cast<uint8_t*>(buf);
     a.qs = reinterpret_cast<const int8_t*>(base);
     a.d = reinterpret_cast<const float*>(base + s.qs);
-    if (kind == ACT_Q8_32 || kind == ACT_Q8_1)
+    if (kind == ACT_Q8_32 || kind == ACT_Q8_1) {
         a.s = reinterpret_cast<const float*>(base + s.qs + s.d);
-    else
+        a.d_t = reinterpret_cast<const float*>(base + s.qs + s.d + s.extra);
+        a.s_t = reinterpret_cast<const float*>(base + s.qs + s.d + s.extra + s.d_t);
+        if (kind == ACT_Q8_32)
+            a.q5_start = reinterpret_cast<const int32_t*>(base + s.qs + s.d + s.extra + s.d_t + s.s_t);
+    } else
         a.bsums = reinterpret_cast<const int16_t*>(base + s.qs + s.d);
     return a;
 }
@@ -212,8 +227,14 @@ void quantize_acts_rows(const QActs& a, const float* x, int64_t r0, int64_t r1) 
         auto* q = const_cast<int8_t*>(a.qs) + r * cols;  // ACT_Q8_32 / ACT_Q8_K row
         if (a.kind == ACT_Q8_32 || a.kind == ACT_Q8_1) {
             const int64_t nb = cols / QK;
-            quantize_row_q8_32(xr, cols, q, const_cast<float*>(a.d) + r * nb,
-                               const_cast<float*>(a.s) + r * nb, a.kind == ACT_Q8_1);
+            const float* d = a.d + r * nb;
+            const float* s = a.s + r * nb;
+            quantize_row_q8_32(xr, cols, q, const_cast<float*>(d), const_cast<float*>(s), a.kind == ACT_Q8_1);
+            for (int64_t b = 0; b < nb; ++b) {
+                const_cast<float*>(a.d_t)[b * a.n + r] = d[b];
+                const_cast<float*>(a.s_t)[b * a.n + r] = s[b];
+            }
+            if (a.q5_start != nullptr) q5_start_lanes(q, cols, const_cast<int32_t*>(a.q5_start) + r * (cols / 4));
         } else if (a.kind == ACT_Q8_K) {
             const int64_t nb = cols / QK_K;
             float* d = const_cast<float*>(a.d) + r * nb;

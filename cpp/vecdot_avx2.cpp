@@ -230,57 +230,120 @@ void dot32(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* ou
 }
 
 // TILE_NW weight rows x MAX_NA activation rows of the LANES formats (batches): each output keeps
-// dot32's arithmetic (acc8 = fma(dw * da, float(dot lanes), acc8) per block), but the activation
-// block and its bias lanes are loaded once for both weight rows and the weight block decoded once
-// for the four activation rows. Offset formats dot their unsigned codes starting from
-// -bias * (lane sums of the activations), as matvec32 does: the same exact integers.
+// dot32's arithmetic (acc8 = fma(dw * da, float(dot lanes), acc8) per block), with the work that
+// does not depend on the (row, activation) pair done once:
+//   * the weight block is decoded once for the four activation rows, and each activation block
+//     loaded once for both weight rows;
+//   * the eight scale products dw * da of a block are two 4-lane multiplies (d_t holds the four
+//     activation rows' scales of a block side by side), stored and broadcast from memory by each
+//     FMA (a load, not a multiply-port op: those ports bind this kernel);
+//   * the min chains of Q4_1 / Q5_1 (summs = fma(m, s, summs) per block) run as one 4-lane FMA
+//     per weight row, lane i for activation row i;
+//   * Q5_0 dots its unsigned codes starting from the activations' q5_start lanes
+//     (-16 * lane sums, made once per matmul): the same exact integers as the signed codes.
 template <class F>
 void tile32(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t a0, float* out, int64_t os) {
     constexpr int NW = TILE_NW, NA = MAX_NA;
+    static_assert(NA == 4, "the scale products are 4-lane vectors");
+    static_assert(F::kBias == 0 || F::kBias == 16, "q5_start holds the lanes of a 16 offset");
     constexpr size_t kB = F::kBytes;
     const int64_t nb = cols / QK;
     const int8_t* aq = a.qs + a0 * cols;
-    const float* ad = a.d + a0 * nb;
-    const float* as = a.s + a0 * nb;
+    const int32_t* start = F::kBias != 0 ? a.q5_start + a0 * (cols / 4) : nullptr;
     __m256 acc[NW][NA];
-    float summs[NW][NA];
-    for (int r = 0; r < NW; ++r)
-        for (int i = 0; i < NA; ++i) {
-            acc[r][i] = _mm256_setzero_ps();
-            summs[r][i] = 0.0f;
-        }
+    __m128 summs[NW];
+    for (int r = 0; r < NW; ++r) {
+        summs[r] = _mm_setzero_ps();
+        for (int i = 0; i < NA; ++i) acc[r][i] = _mm256_setzero_ps();
+    }
+    alignas(16) float dd[NW][NA];  // dw[r] * da[i] of the current block
     for (int64_t b = 0; b < nb; ++b) {
         __m256i u[NW];
-        __m256 dw[NW];
-        float mw[NW];  // the block's min (formats with one); d and m are read once for 4 rows
+        const __m128 da = _mm_loadu_ps(a.d_t + b * a.n + a0);
 #pragma GCC unroll 2
         for (int r = 0; r < NW; ++r) {
             const uint8_t* blk = w + r * rb + b * kB;
             if ((b & 15) == 0) prefetch_ahead(blk, 16 * kB);
             u[r] = F::ucodes(blk);
-            dw[r] = _mm256_set1_ps(load_f16(blk));
-            if constexpr (F::kMin) mw[r] = load_f16(blk + 2);
+            _mm_store_ps(dd[r], _mm_mul_ps(_mm_set1_ps(load_f16(blk)), da));
+            if constexpr (F::kMin)
+                summs[r] = _mm_fmadd_ps(_mm_set1_ps(load_f16(blk + 2)), _mm_loadu_ps(a.s_t + b * a.n + a0), summs[r]);
         }
 #pragma GCC unroll 4
         for (int i = 0; i < NA; ++i) {
             const __m256i av = loadu256(aq + i * cols + b * QK);
-            __m256i lanes0 = _mm256_setzero_si256();
-            if constexpr (F::kBias != 0)
-                lanes0 = _mm256_sub_epi32(lanes0, dot_u8s8(_mm256_set1_epi8(F::kBias), av));
-            const __m256 da = _mm256_set1_ps(ad[i * nb + b]);
+            const __m256i lanes0 = F::kBias != 0 ? loadu256(start + i * (cols / 4) + b * 8) : _mm256_setzero_si256();
 #pragma GCC unroll 2
             for (int r = 0; r < NW; ++r) {
                 const __m256i dot = dot_u8s8_acc(lanes0, u[r], av);
-                acc[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], da), _mm256_cvtepi32_ps(dot), acc[r][i]);
-                if constexpr (F::kMin)
-                    summs[r][i] = __builtin_fmaf(mw[r], as[i * nb + b], summs[r][i]);
+                acc[r][i] = _mm256_fmadd_ps(_mm256_set1_ps(dd[r][i]), _mm256_cvtepi32_ps(dot), acc[r][i]);
             }
         }
     }
-    for (int r = 0; r < NW; ++r)
-        for (int i = 0; i < NA; ++i)
-            out[i * os + r] = F::kMin ? hsum_ps(acc[r][i]) + summs[r][i] : hsum_ps(acc[r][i]);
+    for (int r = 0; r < NW; ++r) {
+        alignas(16) float m[NA];
+        _mm_store_ps(m, summs[r]);
+        for (int i = 0; i < NA; ++i) out[i * os + r] = F::kMin ? hsum_ps(acc[r][i]) + m[i] : hsum_ps(acc[r][i]);
+    }
 }
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+// tile32 with both weight rows in one 512-bit register: the low 256 bits carry row 0's lanes, the
+// high 256 bits row 1's, so one dot, one convert, one scale product and one FMA serve two
+// outputs. Each half computes exactly what tile32 computes for its row (integer lanes, then
+// acc8 = fma(dw * da, float(lanes), acc8) per block), so the bits are the same; the instruction
+// count per block is nearly halved.
+template <class F>
+void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t a0, float* out, int64_t os) {
+    static_assert(TILE_NW == 2 && MAX_NA == 4, "two weight rows in one 512-bit register");
+    static_assert(F::kBias == 0 || F::kBias == 16, "q5_start holds the lanes of a 16 offset");
+    constexpr int NA = MAX_NA;
+    constexpr size_t kB = F::kBytes;
+    const int64_t nb = cols / QK;
+    const int8_t* aq = a.qs + a0 * cols;
+    const float* ad = a.d + a0 * nb;
+    const int32_t* start = F::kBias != 0 ? a.q5_start + a0 * (cols / 4) : nullptr;
+    __m512 acc[NA];
+    for (int i = 0; i < NA; ++i) acc[i] = _mm512_setzero_ps();
+    __m128 summs[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk0 = w + b * kB;
+        const uint8_t* blk1 = blk0 + rb;
+        if ((b & 15) == 0) {
+            prefetch_ahead(blk0, 16 * kB);
+            prefetch_ahead(blk1, 16 * kB);
+        }
+        const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(F::ucodes(blk0)), F::ucodes(blk1), 1);
+        const float dw0 = load_f16(blk0), dw1 = load_f16(blk1);
+        const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(dw0), _mm256_set1_ps(dw1), 1);
+        if constexpr (F::kMin) {
+            const __m128 sa = _mm_loadu_ps(a.s_t + b * a.n + a0);
+            summs[0] = _mm_fmadd_ps(_mm_set1_ps(load_f16(blk0 + 2)), sa, summs[0]);
+            summs[1] = _mm_fmadd_ps(_mm_set1_ps(load_f16(blk1 + 2)), sa, summs[1]);
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < NA; ++i) {
+            const __m512i av = _mm512_broadcast_i64x4(loadu256(aq + i * cols + b * QK));
+            const __m512i lanes0 = F::kBias != 0 ? _mm512_broadcast_i64x4(loadu256(start + i * (cols / 4) + b * 8))
+                                                 : _mm512_setzero_si512();
+            const __m512i dot = _mm512_dpbusd_epi32(lanes0, u, av);
+            acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(ad[i * nb + b])), _mm512_cvtepi32_ps(dot), acc[i]);
+        }
+    }
+    alignas(16) float m[2][NA];
+    _mm_store_ps(m[0], summs[0]);
+    _mm_store_ps(m[1], summs[1]);
+    for (int i = 0; i < NA; ++i) {
+        const float s0 = hsum_ps(_mm512_castps512_ps256(acc[i]));
+        const float s1 = hsum_ps(_mm512_extractf32x8_ps(acc[i], 1));
+        out[i * os] = F::kMin ? s0 + m[0][i] : s0;
+        out[i * os + 1] = F::kMin ? s1 + m[1][i] : s1;
+    }
+}
+#define HL_TILE32 tile32_pair512
+#else
+#define HL_TILE32 tile32
+#endif
 
 // Matvec of the 32-block formats, MATVEC_NR rows side by side: the same arithmetic as dot32
 // with fewer instructions per block. The block's f16 pair (d, m) converts in one op to [d m - -],
@@ -912,9 +975,9 @@ MatvecKernel get_matvec_kernel_avx2(int type, int kind) {
 TileKernel get_tile_kernel_avx2(int type, int kind) {
     if (kind != act_kind_for(type)) return nullptr;
     switch (type) {
-        case T_Q4_1: return tile32<Fmt4_1>;
-        case T_Q5_0: return tile32<Fmt5_0>;
-        case T_Q5_1: return tile32<Fmt5_1>;
+        case T_Q4_1: return HL_TILE32<Fmt4_1>;
+        case T_Q5_0: return HL_TILE32<Fmt5_0>;
+        case T_Q5_1: return HL_TILE32<Fmt5_1>;
         default: return nullptr;  // Q8_0 has no unsigned codes; Q4_0's order is a scalar chain
     }
 }
