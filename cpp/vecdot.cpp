@@ -37,7 +37,7 @@ constexpr size_t align64(size_t v) { return (v + 63) & ~size_t{63}; }
 // Bytes of each array, in the order they sit in the buffer (nb = cols / block size):
 //   ACT_Q8_32:  qs [n][cols] int8 | d [n][nb] | s [n][nb] | d_t [nb][n] | s_t | q5_start [n][cols/4] int32
 //   ACT_Q8_1:   qs [n][cols] int8 | d [n][nb] | s [n][nb] | d_t [nb][n] | s_t [nb][n]
-//   ACT_Q8_K:   qs [n][cols] int8 | d [n][nb] float | bsums [n][cols/16] int16
+//   ACT_Q8_K:   qs [n][cols] int8 | d [n][nb] float | bsums [n][cols/16] int16 | d_t [nb][n]
 struct Sizes {
     size_t qs, d, extra, d_t, s_t, q5_start;
     size_t total() const { return qs + d + extra + d_t + s_t + q5_start; }
@@ -50,7 +50,7 @@ Sizes sizes(int kind, int64_t n, int64_t cols) {
         const size_t q5 = kind == ACT_Q8_32 ? align64(nn * cc) : 0;
         return {align64(nn * cc), per_block, per_block, per_block, per_block, q5};
     }
-    if (kind == ACT_Q8_K) return {align64(nn * cc), align64(nn * (cc / QK_K) * 4), align64(nn * (cc / 16) * 2), 0, 0, 0};
+    if (kind == ACT_Q8_K) return {align64(nn * cc), align64(nn * (cc / QK_K) * 4), align64(nn * (cc / 16) * 2), align64(nn * (cc / QK_K) * 4), 0, 0};
     return {0, 0, 0, 0, 0, 0};
 }
 
@@ -215,8 +215,10 @@ QActs acts_layout(int kind, int64_t n, int64_t cols, void* buf, const float* x) 
         a.s_t = reinterpret_cast<const float*>(base + s.qs + s.d + s.extra + s.d_t);
         if (kind == ACT_Q8_32)
             a.q5_start = reinterpret_cast<const int32_t*>(base + s.qs + s.d + s.extra + s.d_t + s.s_t);
-    } else
+    } else {
         a.bsums = reinterpret_cast<const int16_t*>(base + s.qs + s.d);
+        a.d_t = reinterpret_cast<const float*>(base + s.qs + s.d + s.extra);
+    }
     return a;
 }
 
@@ -239,8 +241,10 @@ void quantize_acts_rows(const QActs& a, const float* x, int64_t r0, int64_t r1) 
             const int64_t nb = cols / QK_K;
             float* d = const_cast<float*>(a.d) + r * nb;
             int16_t* bs = const_cast<int16_t*>(a.bsums) + r * (cols / 16);
-            for (int64_t b = 0; b < nb; ++b)
+            for (int64_t b = 0; b < nb; ++b) {
                 quantize_block_q8_K(xr + b * QK_K, q + b * QK_K, d + b, bs + b * (QK_K / 16));
+                const_cast<float*>(a.d_t)[b * a.n + r] = d[b];
+            }
         }
     }
 }

@@ -36,7 +36,7 @@ struct QActs {
     const float* s = nullptr;          // ACT_Q8_32 / ACT_Q8_1: [n][cols/32], d * sum(q)
     const int16_t* bsums = nullptr;    // ACT_Q8_K: [n][cols/16]
     // Copies laid out for the batch tiles, which read MAX_NA rows' values of one block at once:
-    const float* d_t = nullptr;        // ACT_Q8_32 / ACT_Q8_1: d transposed, [cols/32][n]
+    const float* d_t = nullptr;        // d transposed, [nb][n] (nb: blocks per row of the kind)
     const float* s_t = nullptr;        // ACT_Q8_1: s transposed, [cols/32][n]
     // ACT_Q8_32: -16 * (sum of codes 4l .. 4l + 3) in int32 lane l of each block, [n][cols/4]:
     // the start value of Q5_0's unsigned-code dot (q - 16 folded in), once per matmul instead of

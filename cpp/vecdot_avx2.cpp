@@ -487,12 +487,66 @@ HL_INLINE void k_rows(const QActs& a, int64_t a0, int64_t cols, KRows* r) {
 // result acc - accm. ggml_gemv (activation rows past the last multiple of 4 of the call) takes
 // the whole super-block as one span; ggml_gemm (rows in groups of 4) takes each pair of
 // sub-blocks (64 elements) as a span.
+// dot_q4_K for four activation rows that ggml_gemm takes in one group (all per-pair spans): the
+// float side runs across the rows, lane i of each 4-float vector being row i's chain, so each
+// output sees exactly dot_q4_K's sequence of FMAs. The integer sums are reduced straight into
+// per-pair vectors over the rows (exact integers, any order).
+HL_INLINE void q4_K_gemm4(int64_t cols, const uint8_t* w, const KRows* r, const float* d_t, int64_t ld,
+                          float* out, int64_t os) {
+    const int64_t nb = cols / QK_K;
+    __m128 acc = _mm_setzero_ps(), accm = _mm_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    for (int64_t b = 0; b < nb; ++b) {
+        const auto* x = reinterpret_cast<const block_q4_K*>(w) + b;
+        prefetch_ahead(x, sizeof(*x));
+        const auto [sc16, mn16] = k4_scales(x->scales);
+        __m128i isum[4];  // isum[c]: lane i = row i's integer sum over sub-blocks 2c, 2c + 1
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+            const __m256i v = loadu256(x->qs + 32 * c);
+            const __m256i lo = _mm256_and_si256(v, low4);
+            const __m256i hi = high_nibbles(v);
+            const __m256i s_lo = lane_scale(sc16, 2 * c), s_hi = lane_scale(sc16, 2 * c + 1);
+            __m256i t[4];
+            for (int i = 0; i < 4; ++i) {
+                const int8_t* q8 = r[i].aq + b * QK_K + 64 * c;
+                t[i] = dot_u8s8_scaled_acc(_mm256_setzero_si256(), lo, loadu256(q8), s_lo);
+                t[i] = dot_u8s8_scaled_acc(t[i], hi, loadu256(q8 + 32), s_hi);
+            }
+            isum[c] = hsum4_epi32(t);
+        }
+        // Min sums: lane j of pm = m[j] (bsum[2j] + bsum[2j + 1]); the span of pair c is j = 2c, 2c + 1.
+        __m256i pm[4];
+        for (int i = 0; i < 4; ++i) pm[i] = _mm256_madd_epi16(loadu256(r[i].bs + b * 16), mn16);
+        const __m256i p01 = _mm256_hadd_epi32(pm[0], pm[1]);  // r0c0 r0c1 r1c0 r1c1 | r0c2 r0c3 r1c2 r1c3
+        const __m256i p23 = _mm256_hadd_epi32(pm[2], pm[3]);
+        const __m128 lo01 = _mm_castsi128_ps(_mm256_castsi256_si128(p01)), hi01 = _mm_castsi128_ps(_mm256_extracti128_si256(p01, 1));
+        const __m128 lo23 = _mm_castsi128_ps(_mm256_castsi256_si128(p23)), hi23 = _mm_castsi128_ps(_mm256_extracti128_si256(p23, 1));
+        const __m128i imin[4] = {
+            _mm_castps_si128(_mm_shuffle_ps(lo01, lo23, 0x88)), _mm_castps_si128(_mm_shuffle_ps(lo01, lo23, 0xdd)),
+            _mm_castps_si128(_mm_shuffle_ps(hi01, hi23, 0x88)), _mm_castps_si128(_mm_shuffle_ps(hi01, hi23, 0xdd))};
+        const __m128 da = _mm_loadu_ps(d_t + b * ld);
+        const __m128 dd = _mm_mul_ps(_mm_set1_ps(load_f16(x->d)), da);
+        const __m128 dm = _mm_mul_ps(_mm_set1_ps(load_f16(x->dmin)), da);
+        for (int c = 0; c < 4; ++c) {
+            acc = _mm_fmadd_ps(_mm_cvtepi32_ps(isum[c]), dd, acc);
+            accm = _mm_fmadd_ps(_mm_cvtepi32_ps(imin[c]), dm, accm);
+        }
+    }
+    alignas(16) float res[4];
+    _mm_store_ps(res, _mm_sub_ps(acc, accm));
+    for (int i = 0; i < 4; ++i) out[i * os] = res[i];
+}
+
 template <int NA>
 void dot_q4_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out, int64_t os) {
     KRows r[NA];
     k_rows<NA>(a, a0, cols, r);
     const int64_t nb = cols / QK_K;
     const int64_t gemm_rows = a.n - a.n % 4;
+    if constexpr (NA == 4) {
+        if (a0 + 3 < gemm_rows) return q4_K_gemm4(cols, w, r, a.d_t + a0, a.n, out, os);
+    }
     bool per_pair[NA];
     float acc[NA], accm[NA];
     for (int i = 0; i < NA; ++i) {
@@ -670,6 +724,7 @@ void dot_q6_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
     const bool tiled = a.n >= 8;
     __m256 acc[NA];
     float accs[NA];
+    __m128 acc4 = _mm_setzero_ps();  // NA == 4 and tiled: lane i is accs[i]
     for (int i = 0; i < NA; ++i) {
         acc[i] = _mm256_setzero_ps();
         accs[i] = 0.0f;
@@ -706,6 +761,15 @@ void dot_q6_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
                 }
             }
         }
+        if constexpr (NA == 4) {
+            if (tiled) {  // the four rows' chains as the lanes of one vector, same arithmetic
+                __m256i lanes[4];
+                for (int i = 0; i < 4; ++i) lanes[i] = _mm256_add_epi32(isum[i][0], isum[i][1]);
+                const __m128 t = _mm_mul_ps(_mm_cvtepi32_ps(hsum4_epi32(lanes)), _mm_set1_ps(d));
+                acc4 = _mm_fmadd_ps(t, _mm_loadu_ps(a.d_t + b * a.n + a0), acc4);
+                continue;
+            }
+        }
         for (int i = 0; i < NA; ++i) {
             const __m256i lanes = _mm256_add_epi32(isum[i][0], isum[i][1]);
             if (tiled)
@@ -713,6 +777,9 @@ void dot_q6_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
             else
                 acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(d * r[i].ad[b]), acc[i]);
         }
+    }
+    if constexpr (NA == 4) {
+        if (tiled) _mm_storeu_ps(accs, acc4);
     }
     for (int i = 0; i < NA; ++i) out[i * os] = tiled ? accs[i] : hsum_ps(acc[i]);
 }
