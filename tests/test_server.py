@@ -513,7 +513,23 @@ def test_structured_output(server: Server, runner: Runner) -> None:
         **CHAT,
         "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}},
     }
-    assert _error(server.post("/v1/chat/completions", bad), 400)["type"] == "invalid_request_error"
+    error = _error(server.post("/v1/chat/completions", bad), 400)
+    assert error["type"] == "invalid_request_error"
+    assert "type must be a string" in error["message"]  # llguidance's own words
+    bad_gbnf = {"prompt": "x", "grammar": "root ::= foo", "max_tokens": 4}
+    assert "Rule 'foo' not found" in _error(server.post("/v1/completions", bad_gbnf), 400)["message"]
+
+
+def test_concurrent_requests_each_have_their_own_constraint(server: Server) -> None:
+    """Two requests decoding together under different grammars: each output matches its own."""
+    bodies = [
+        {"prompt": "Is the sky blue? Answer:", "grammar": 'root ::= " yes" | " no"', "max_tokens": 8},
+        {"prompt": "Count: one, two,", "json_schema": {"type": "integer", "minimum": 0, "maximum": 999}, "max_tokens": 8},
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        texts = list(pool.map(lambda b: server.post("/v1/completions", b).json()["choices"][0]["text"], bodies))
+    assert texts[0] in (" yes", " no")
+    assert 0 <= int(texts[1]) <= 999
 
 
 def test_sigterm_ends_open_streams_cleanly(smollm_path: str) -> None:
