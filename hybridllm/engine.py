@@ -136,6 +136,10 @@ class Request:
     stop: Sequence[str] = ()
     stop_ids: Collection[int] = ()  # end-of-generation ids (empty: ignore_eos)
     n_logprobs: int | None = None  # None: off; 0: the chosen token's; k: also the top k
+    # False: evaluate the whole prompt even where the slot holds it (llama-server's
+    # cache_prompt). Logits after a reused prefix can differ from a fresh evaluation in the last
+    # bits (the rows go through other kernel splits, as in llama.cpp), which sampling can amplify.
+    reuse_prefix: bool = True
 
 
 class RequestHandle:
@@ -171,7 +175,8 @@ class _Sequence:
         self.handle, self.request, self.slot = handle, handle.request, slot
         prompt = self.request.prompt
         # Keep at least one token to evaluate: sampling needs the logits after the last one.
-        self.cached = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        reusable = common_prefix(slot.tokens, prompt) if self.request.reuse_prefix else 0
+        self.cached = min(reusable, len(prompt) - 1)
         del slot.tokens[self.cached :]
         self.pending: list[int] = list(prompt[self.cached :])  # prompt tokens not yet evaluated
         self.logits: np.ndarray | None = None  # after the last evaluated token, once prefilled

@@ -239,7 +239,9 @@ def _submit(
         raise _context_exceeded(str(len(prompt)), engine.n_ctx)
     inbox = _Inbox()
     stop_ids = () if body.ignore_eos else runner.tokenizer.eot_ids
-    request = EngineRequest(prompt, sampling, inbox.emit, limit, stop, stop_ids, n_logprobs)
+    request = EngineRequest(
+        prompt, sampling, inbox.emit, limit, stop, stop_ids, n_logprobs, body.cache_prompt
+    )
     try:
         handle = engine.submit(request)
     except QueueFullError as exc:

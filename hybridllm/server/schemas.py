@@ -49,6 +49,7 @@ class _Generation(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # llama-server's extension: go on past the end-of-text token
+    cache_prompt: bool = True  # llama-server's: reuse the slot's cached prefix of the prompt
     # Structured output, at most one (constrain.compile_grammar): OpenAI's response_format, or
     # llama-server's json_schema and grammar (GBNF; Lark too).
     response_format: dict[str, Any] | None = None
