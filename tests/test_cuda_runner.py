@@ -53,7 +53,7 @@ def _cpu(path: str, n_ctx: int, tokens: list[int]) -> tuple[np.ndarray, Runner]:
 TIE = 0.25
 
 
-def _compare(got: np.ndarray, ref: np.ndarray, what: str, tie: float = TIE) -> tuple[float, float]:
+def compare_logits(got: np.ndarray, ref: np.ndarray, what: str, tie: float = TIE) -> tuple[float, float]:
     """-> (argmax agreement at positions without a near-tie, worst row relative difference)."""
     top2 = np.sort(ref, axis=-1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > tie
@@ -71,7 +71,7 @@ def _compare(got: np.ndarray, ref: np.ndarray, what: str, tie: float = TIE) -> t
 def _agreement(path: str, n_gpu: int | str, head: bool, n_ctx: int, tokens: list[int], ref: np.ndarray) -> tuple[float, float, Runner]:
     r = Runner(path, n_ctx=n_ctx, n_threads=2, n_gpu_layers=n_gpu, gpu_margin=0, head_on_gpu=head)
     what = f"{path.rsplit('/', 1)[-1]} n_gpu_layers={n_gpu} head_on_gpu={head}"
-    return (*_compare(r.logits(tokens), ref, what), r)
+    return (*compare_logits(r.logits(tokens), ref, what), r)
 
 
 PLACEMENTS = [(1, False), ("half", False), ("all", False), ("all", True)]
@@ -129,7 +129,7 @@ def test_smollm_all_gpu_over_prompts(device: Any, smollm_path: str) -> None:
     ids = [cpu.tokenize(p) for p in SMOLLM_PROMPTS]
     ref = np.concatenate([cpu.logits(t) for t in ids])
     got = np.concatenate([gpu.logits(t) for t in ids])
-    argmax, worst = _compare(got, ref, "smollm2 all blocks and head on the GPU, 3 prompts", tie=SMOLLM_TIE)
+    argmax, worst = compare_logits(got, ref, "smollm2 all blocks and head on the GPU, 3 prompts", tie=SMOLLM_TIE)
     assert argmax >= 0.99 and worst < 1.5e-1, (argmax, worst)
 
 
@@ -156,7 +156,7 @@ def test_out_of_memory_at_load_replans(device: Any, tiny_llama_path: str) -> Non
     with pytest.warns(RuntimeWarning, match="re-planning with fewer GPU blocks"):
         r = Runner(tiny_llama_path, n_ctx=64, n_threads=2, n_gpu_layers="all", gpu_margin=0)
     assert r.plan.n_gpu_layers < cpu.config.n_layers
-    argmax, worst = _compare(r.logits(tokens), ref, f"re-planned to {r.plan.n_gpu_layers} GPU blocks")
+    argmax, worst = compare_logits(r.logits(tokens), ref, f"re-planned to {r.plan.n_gpu_layers} GPU blocks")
     assert argmax >= 0.99 and worst < 4e-2
 
 
@@ -199,7 +199,7 @@ def test_out_of_memory_mid_prompt_replans(device: Any, tiny_llama_path: str) -> 
         got, reused = r.context.prefill(turn)
     assert reused == 4 and r.plan.n_gpu_layers == n_layers - 1 and r.n_gpu_layers == n_layers - 1
     want, _ = cpu.context.prefill(turn)
-    argmax, worst = _compare(got[None], want[None], f"re-planned mid-prompt to {r.plan.n_gpu_layers} GPU blocks")
+    argmax, worst = compare_logits(got[None], want[None], f"re-planned mid-prompt to {r.plan.n_gpu_layers} GPU blocks")
     assert argmax == 1.0 and worst < 4e-2
     pool.set_limit(size=0)
     assert r.generate(PROMPT, max_tokens=6, temperature=0.0) == cpu.generate(PROMPT, max_tokens=6, temperature=0.0)

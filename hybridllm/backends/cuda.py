@@ -292,10 +292,13 @@ class CudaBackend:
         self._fn("store_f16")((_blocks(count, 256),), (256,), args)
 
     @_device_errors
-    def attention(self, q: Any, k_cache: Any, v_cache: Any, pos0: int, window: int, scale: float) -> Any:
+    def attention(
+        self, q: Any, k_cache: Any, v_cache: Any, pos0: int, window: int, scale: float, softcap: float = 0.0
+    ) -> Any:
         """Causal GQA attention of q (n, n_heads, dk) over cache rows 0..pos0+n-1 -> (n, n_heads*dv).
 
         Query t (position pos0+t) sees key j when j <= pos0+t and, with a window, pos0+t - j < window.
+        softcap > 0 (gemma2): scores are tanh(s / softcap) * softcap before the scale and softmax.
         """
         q = self._f32(q)
         n, n_heads, dk = q.shape
@@ -304,9 +307,9 @@ class CudaBackend:
         if n_heads % n_kv or dv > 256 or dk % 2:
             raise ValueError(f"attention: {n_heads} heads over {n_kv} KV heads, dk={dk} (even), dv={dv} (<= 256)")
         if n <= ATTN_KERNEL_ROWS:
-            out = self._attention_rows(q, k_cache, v_cache, pos0, window, scale, n_kv, dv)
+            out = self._attention_rows(q, k_cache, v_cache, pos0, window, scale, softcap, n_kv, dv)
         else:
-            out = self._attention_gemm(q, k_cache, v_cache, pos0, window, scale, n_kv, dv)
+            out = self._attention_gemm(q, k_cache, v_cache, pos0, window, scale, softcap, n_kv, dv)
         return out.reshape(n, n_heads * dv)
 
     @_device_errors
@@ -447,7 +450,9 @@ class CudaBackend:
             )  # fmt: skip
 
     # --- attention paths ----------------------------------------------------------------
-    def _attention_rows(self, q: Any, kc: Any, vc: Any, pos0: int, window: int, scale: float, n_kv: int, dv: int) -> Any:
+    def _attention_rows(
+        self, q: Any, kc: Any, vc: Any, pos0: int, window: int, scale: float, softcap: float, n_kv: int, dv: int
+    ) -> Any:
         """A few query rows, one block per (head, row). The scores scratch has room for every key
         a query at any position may see (the cache, or the window), not only pos0's: the same
         launch, replayed by a decode graph at later positions, needs no other buffer."""
@@ -459,15 +464,18 @@ class CudaBackend:
         shared = 4 * (dk + (threads // 32) * dv + 64)  # q, per-warp P.V, 32 doubles
         args = (
             q, kc, vc, scores, out, _i32(n_heads), _i32(n_kv), _i32(dk), _i32(dv),
-            self._position(pos0), _i32(window), np.float32(scale), _i32(n_keys),
+            self._position(pos0), _i32(window), np.float32(scale), _i32(n_keys), np.float32(softcap),
         )  # fmt: skip
         self._fn("attn_rows")((n_heads, n), (threads,), args, shared_mem=shared)
         return out
 
-    def _attention_gemm(self, q: Any, kc: Any, vc: Any, pos0: int, window: int, scale: float, n_kv: int, dv: int) -> Any:
+    def _attention_gemm(
+        self, q: Any, kc: Any, vc: Any, pos0: int, window: int, scale: float, softcap: float, n_kv: int, dv: int
+    ) -> Any:
         """A prompt chunk: per KV head g, S = Q_g K_g^T (f32), P = softmax_f16(mask(S)), O = P V_g.
 
         Q_g stacks the `group` heads sharing KV head g: q16 (n_heads, n, dk) f16, rows hh*n+t.
+        The scale is cuBLAS's alpha, or with a soft-cap applied after the cap by the softmax kernel.
         """
         n, n_heads, dk = q.shape
         group = n_heads // n_kv
@@ -478,12 +486,13 @@ class CudaBackend:
         kstride, vstride = kc.shape[1], vc.shape[1]
         scores = cp.empty((n_kv, rows, nk), cp.float32)
         # column-major: S_g^T (nk, rows) = K_g (nk x dk, stored dk-major: op T) . Q_g^T
+        alpha = 1.0 if softcap > 0 else scale  # the cap needs the raw scores
         self._gemm_ex(
-            _OP_T, _OP_N, nk, rows, dk, scale, kc, kstride, q16, dk, scores, nk,
+            _OP_T, _OP_N, nk, rows, dk, alpha, kc, kstride, q16, dk, scores, nk,
             stride=(dk, rows * dk, rows * nk), batch=n_kv, a_offset=start * kstride,
         )  # fmt: skip
         probs = cp.empty((n_kv, rows, nk), cp.float16)
-        args = (scores, probs, _i32(n), _i32(nk), _i32(pos0), _i32(start), _i32(window))
+        args = (scores, probs, _i32(n), _i32(nk), _i32(pos0), _i32(start), _i32(window), np.float32(scale), np.float32(softcap))
         self._fn("softmax_mask_f16")((n_kv * rows,), (256,), args)
         o = cp.empty((n_kv, rows, dv), cp.float32)  # = (n_heads, n, dv)
         # column-major: O_g^T (dv, rows) = V_g^T (dv x nk, ld vstride) . P_g^T (nk x rows)

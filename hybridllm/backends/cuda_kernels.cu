@@ -694,12 +694,20 @@ glu(const float* __restrict__ gate, const float* __restrict__ up, float* __restr
 // start = imax(0, p - window + 1) under a sliding window. Numerics as the CPU backend
 // (llama.cpp's non-flash path): q rounded to f16, scores in f32, softmax, probabilities
 // rounded to f16 before P.V. dv <= 256, dk even. Dynamic shared memory: (dk + nwarps*dv + 64)
-// floats.
+// floats. softcap > 0 (gemma2): a raw score s becomes (tanhf(s * (1/softcap)) * softcap) * scale.
 // ---------------------------------------------------------------------------------------------
+
+// A raw Q.K score as softmax sees it: llama.cpp's graph order, one rounding per op (no FMA
+// contraction): with a soft-cap, s * (1/cap) -> tanhf -> * cap -> * scale; else s * scale.
+HD float capped_score(float s, float scale, float softcap) {
+    if (softcap <= 0.0f) return mul_rn(s, scale);
+    return mul_rn(mul_rn(tanhf(mul_rn(s, 1.0f / softcap)), softcap), scale);
+}
+
 extern "C" __global__ void __launch_bounds__(128)
 attn_rows(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
           float* __restrict__ scores, float* __restrict__ out, int n_heads, int n_kv, int dk, int dv,
-          const int* __restrict__ pos, int window, float scale, int n_keys_max) {
+          const int* __restrict__ pos, int window, float scale, int n_keys_max, float softcap) {
     extern __shared__ float sh[];
     const int h = blockIdx.x, t = blockIdx.y;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
@@ -724,7 +732,7 @@ attn_rows(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __
         float acc = 0.0f;
         for (int d = lane; d < dk; d += 32) acc += qs[d] * h2f(kr[d]);
         acc = warp_sum(acc);
-        if (lane == 0) s[j] = acc * scale;
+        if (lane == 0) s[j] = capped_score(acc, scale, softcap);
     }
     __syncthreads();
 
@@ -773,17 +781,23 @@ attn_rows(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __
 
 // Prefill attention, middle step: S (rows, nk) f32 scores from cuBLAS -> P (rows, nk) f16
 // probabilities, masked (causal + window) and normalized. Row r = (g*group + hh)*n + t is query
-// t of head g*group+hh; key j is cache row start+j. One block per row.
+// t of head g*group+hh; key j is cache row start+j. One block per row. softcap > 0 (gemma2): S
+// holds raw scores, capped and scaled here first (in place); else cuBLAS applied the scale.
 extern "C" __global__ void __launch_bounds__(256)
-softmax_mask_f16(const float* __restrict__ S, u16* __restrict__ P, int n, int nk, int pos0, int start, int window) {
+softmax_mask_f16(float* __restrict__ S, u16* __restrict__ P, int n, int nk, int pos0, int start, int window,
+                 float scale, float softcap) {
     __shared__ double red[32];
     const i64 r = blockIdx.x;
     const int p = pos0 + (int)(r % n);
-    const float* srow = S + r * nk;
+    float* srow = S + r * nk;
     u16* prow = P + r * nk;
     // visible keys j: start + j <= p and (no window or p - (start + j) < window)
     const int hi = imin(nk, p - start + 1);  // j < hi
     const int lo = window > 0 ? imax(0, p - window + 1 - start) : 0;  // j >= lo
+    if (softcap > 0.0f) {
+        for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) srow[j] = capped_score(srow[j], scale, softcap);
+    }
+    __syncthreads();  // the last loop reads entries other threads capped
     float m = neg_inf();
     for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) m = fmaxf(m, srow[j]);
     m = block_max(m, (float*)red);
