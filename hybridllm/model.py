@@ -224,21 +224,19 @@ class PyBlock:
 
 
 def gpu_unverified(model_file: ModelFile, n_ctx: int | None = None) -> str | None:
-    """Why this model's blocks stay on the CPU, or None: the CUDA backend is verified against
-    llama.cpp for llama and gemma3 without rope scaling or extra tensors, not yet for the rest."""
+    """Why this model's blocks stay on the CPU, or None. The CUDA backend runs every block op of
+    every supported architecture (rope tables with scaling and frequency factors, biases, soft-caps,
+    scales, full-width Q/K norms: tests/test_cuda_architectures.py); only its attention kernels'
+    head shapes limit it: values of at most 256 per head, keys of an even length."""
     cfg = model_file.config
-    features = [f"architecture {cfg.arch!r}"] if cfg.arch not in ("llama", "gemma3") else []
-    if cfg.rope_scaling.ext_factor or cfg.rope_scale != 1.0:
-        features.append(f"{cfg.rope_scaling.kind} rope scaling")
-    if model_file.rope_factors(n_ctx) is not None:
-        features.append("rope frequency factors")
-    if any(k.endswith("_bias") for k in block_weights(model_file, 0, n_ctx)):
-        features.append("Q/K/V biases")
-    if cfg.final_softcap or cfg.logit_scale != 1.0:
-        features.append("logit scaling")
-    if not features:
+    limits = []
+    if cfg.head_dim_v > 256:
+        limits.append(f"attention heads with {cfg.head_dim_v} values (at most 256)")
+    if cfg.head_dim_k % 2:
+        limits.append(f"attention keys of odd length {cfg.head_dim_k}")
+    if not limits:
         return None
-    return f"the GPU backend does not run {', '.join(features)} yet ({model_file.path.name})"
+    return f"the GPU backend does not run {', '.join(limits)} yet ({model_file.path.name})"
 
 
 def core_block_class() -> Any:

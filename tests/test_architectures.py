@@ -237,20 +237,6 @@ def test_olmo2_sliding_window_is_refused(tmp_path_factory: pytest.TempPathFactor
         ModelFile(path)
 
 
-def test_gpu_keeps_unverified_architectures_on_the_cpu(
-    tiny_paths: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The CUDA backend is not verified for these features yet: every block stays on the CPU,
-    and asking for GPU layers is a DeviceError that says why."""
-    from hybridllm.errors import DeviceError
-
-    monkeypatch.setenv("HYBRIDLLM_SIMULATE_GPU", "8GiB")
-    runner = Runner(tiny_paths["gemma2"], n_ctx=64)
-    assert runner.plan.n_gpu_layers == 0 and "architecture 'gemma2'" in runner.gpu_label
-    with pytest.raises(DeviceError, match="llama3.gguf.*rope frequency factors|rope frequency factors.*llama3.gguf"):
-        Runner(tiny_paths["llama3"], n_ctx=64, n_gpu_layers=1)
-
-
 def _gemma2_meta(**extra: object) -> dict[str, object]:
     meta = {
         "general.architecture": "gemma2", "gemma2.embedding_length": 64, "gemma2.block_count": 6,

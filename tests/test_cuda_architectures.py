@@ -21,6 +21,7 @@ to float32 rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any
 
@@ -30,6 +31,7 @@ from hybridllm.models.tiny import SPECS, write_tiny_model
 from test_cuda_runner import TIE, compare_logits
 
 from hybridllm.backends.cpu import CpuBackend, RopeSpec
+from hybridllm.errors import DeviceError
 from hybridllm.gguf_file import ModelFile
 from hybridllm.runner import Runner
 
@@ -214,3 +216,17 @@ def test_full_width_qk_norm(gpu: Any, cpu: CpuBackend, heads: int, dk: int) -> N
     on_gpu = gpu.from_host(q.reshape(5, -1)).reshape(5, heads, dk)
     got = gpu.to_host(gpu.rms_norm(on_gpu.reshape(-1, heads * dk), gpu.load_vector(w), 1e-6))
     np.testing.assert_allclose(got.reshape(q.shape), expected, rtol=2e-6, atol=1e-6)
+
+
+def test_wide_value_heads_stay_on_the_cpu(
+    tmp_path_factory: pytest.TempPathFactory, smollm_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the CUDA backend still does not run (attention heads of more than 256 values) keeps
+    every block on the CPU, and asking for GPU layers is a DeviceError that names it and the file."""
+    monkeypatch.setenv("HYBRIDLLM_SIMULATE_GPU", "8GiB")
+    spec = dataclasses.replace(SPECS["qwen3"], head_dim=288)
+    path = write_tiny_model(tmp_path_factory.mktemp("wide") / "wide.gguf", ModelFile(smollm_path).reader, spec)
+    runner = Runner(str(path), n_ctx=N_CTX)
+    assert runner.plan.n_gpu_layers == 0 and "288 values (at most 256)" in runner.gpu_label
+    with pytest.raises(DeviceError, match=r"heads with 288 values .*wide\.gguf"):
+        Runner(str(path), n_ctx=N_CTX, n_gpu_layers=1)
