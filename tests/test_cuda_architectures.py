@@ -230,3 +230,25 @@ def test_wide_value_heads_stay_on_the_cpu(
     assert runner.plan.n_gpu_layers == 0 and "288 values (at most 256)" in runner.gpu_label
     with pytest.raises(DeviceError, match=r"heads with 288 values .*wide\.gguf"):
         Runner(str(path), n_ctx=N_CTX, n_gpu_layers=1)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_plan_covers_the_backend_allocations(device: Any, arch_paths: dict[str, str], name: str) -> None:
+    """After a prompt of n_ctx tokens, every block and the head on the GPU: the pool's peak stays
+    within the plan's GPU bytes (biases, frequency-factor rope tables, both window kinds of
+    attention scratch), and the backend's weights and KV cache are what the plan counted."""
+    pool = device.get_default_memory_pool()
+    if not hasattr(pool, "peak"):
+        pytest.fail("the peak of device memory is only known to the emulator's pool")
+    before = pool.used_bytes()
+    pool.peak = before
+    r = Runner(arch_paths[name], n_ctx=N_CTX, n_threads=2, n_gpu_layers="all", gpu_margin=0, head_on_gpu=True)
+    gpu, budget = r.model.head_backend, r.plan.devices["gpu"]
+    r.logits(list(np.resize(r.tokenize(PROMPT), N_CTX)))
+    peak = pool.peak - before
+    print(f"{name}: plan {budget.total_bytes} bytes (weights {budget.weights_bytes}, kv {budget.kv_bytes}, "
+          f"scratch {budget.scratch_bytes}); backend weights {gpu.weights_bytes}, kv {gpu.kv_bytes}, "
+          f"scratch {gpu.scratch_bytes}; pool peak {peak}")  # fmt: skip
+    assert gpu.weights_bytes <= budget.weights_bytes
+    assert gpu.kv_bytes == budget.kv_bytes
+    assert peak <= budget.total_bytes, (peak, budget.total_bytes)
