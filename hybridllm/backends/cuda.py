@@ -15,6 +15,12 @@ Where the bytes go:
   does x16 @ W16.T with f32 accumulation and f32 output (values stay out of f16 overflow).
 - Attention reads the f16 KV cache: one block per (head, query) for a few queries; for a
   prompt chunk, two batched cuBLAS GEMMs per KV head group around a masked-softmax kernel.
+  gemma2's attention-logit soft-cap is applied in both before the softmax, in llama.cpp's order.
+- What the architectures add besides (rope frequency factors, linear and YaRN scaling,
+  LongRoPE, Q/K/V biases, residual and Q scales, full-width Q/K norms) needs no kernel of its
+  own: the rope table is the CPU's, a bias is a broadcast add, a scale an element-wise product,
+  a Q/K norm `rms_norm` over rows of the width the block asks for. Embedding and logit scales
+  and the final soft-cap are applied on the host by `model.Model`, on whichever device ran.
 - Rope, the KV store and decode attention read their position from device memory (an entry
   of a table 0..n_ctx-1, or a decode graph's position scalar), so a one-token step can be
   captured once as a CUDA graph and replayed at every position (`DecodeGraph`, switched on by
