@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import pytest
 from hybridllm.models.tiny import SPECS, write_tiny_model
+from test_cuda_graphs import STEPS as GRAPH_STEPS
+from test_cuda_graphs import decode_graphs, decode_steps
 from test_cuda_runner import TIE, compare_logits
 
 from hybridllm.backends.cpu import CpuBackend, RopeSpec
@@ -252,3 +254,18 @@ def test_plan_covers_the_backend_allocations(device: Any, arch_paths: dict[str, 
     assert gpu.weights_bytes <= budget.weights_bytes
     assert gpu.kv_bytes == budget.kv_bytes
     assert peak <= budget.total_bytes, (peak, budget.total_bytes)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_decode_graphs_replay_every_architecture(
+    cupy_module: Any, arch_paths: dict[str, str], monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """HYBRIDLLM_CUDA_GRAPHS=1 with every block on the GPU: the replayed decode steps (biases,
+    scales, soft-caps, windows and scaled rope captured once) equal the eager ones bit for bit."""
+    monkeypatch.delenv("HYBRIDLLM_SIMULATE_GPU", raising=False)
+    eager, _ = decode_steps(arch_paths[name], "all", False, monkeypatch)
+    graphed, r = decode_steps(arch_paths[name], "all", True, monkeypatch)
+    (graph,) = decode_graphs(r)
+    assert graph.replays == GRAPH_STEPS - 1  # the first step ran eagerly, then was captured
+    for i, (got, want) in enumerate(zip(graphed, eager, strict=True)):
+        np.testing.assert_array_equal(got, want, err_msg=f"{name} step {i}")

@@ -30,7 +30,7 @@ def device(cupy_module: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     return cupy_module
 
 
-def _steps(path: str, n_gpu: int | str, graphs: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[list[np.ndarray], Runner]:
+def decode_steps(path: str, n_gpu: int | str, graphs: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[list[np.ndarray], Runner]:
     """Logits after the prompt and after each of STEPS greedy tokens (fed one at a time)."""
     monkeypatch.setenv("HYBRIDLLM_CUDA_GRAPHS", "1" if graphs else "0")
     r = Runner(path, n_ctx=64, n_threads=2, n_gpu_layers=n_gpu, gpu_margin=0)
@@ -41,7 +41,7 @@ def _steps(path: str, n_gpu: int | str, graphs: bool, monkeypatch: pytest.Monkey
     return out, r
 
 
-def _graphs(r: Runner) -> list[Any]:
+def decode_graphs(r: Runner) -> list[Any]:
     gpu = r.model.backends[-1]
     return list(gpu._decode_graphs.values())
 
@@ -50,10 +50,10 @@ def _graphs(r: Runner) -> list[Any]:
 def test_replayed_steps_equal_eager_steps(device: Any, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, which: str, n_gpu: int | str) -> None:
     """Bit for bit: a replay runs the same kernels on the same data as the eager step."""
     path = request.getfixturevalue(which)
-    eager, r_eager = _steps(path, n_gpu, False, monkeypatch)
-    graphed, r_graph = _steps(path, n_gpu, True, monkeypatch)
-    assert not _graphs(r_eager)
-    (graph,) = _graphs(r_graph)
+    eager, r_eager = decode_steps(path, n_gpu, False, monkeypatch)
+    graphed, r_graph = decode_steps(path, n_gpu, True, monkeypatch)
+    assert not decode_graphs(r_eager)
+    (graph,) = decode_graphs(r_graph)
     assert graph.replays == STEPS - 1  # the first step ran eagerly, then was captured
     for i, (got, want) in enumerate(zip(graphed, eager, strict=True)):
         np.testing.assert_array_equal(got, want, err_msg=f"step {i}")
@@ -65,10 +65,10 @@ def test_a_position_baked_in_at_capture_is_caught(device: Any, tiny_llama_path: 
     position, and its logits part from the eager ones."""
     from hybridllm.backends import cuda
 
-    eager, _ = _steps(tiny_llama_path, "all", False, monkeypatch)
+    eager, _ = decode_steps(tiny_llama_path, "all", False, monkeypatch)
     monkeypatch.setattr(cuda.CudaBackend, "_positions_from", lambda self, position: contextlib.nullcontext())
-    baked, r = _steps(tiny_llama_path, "all", True, monkeypatch)
-    assert _graphs(r)[0].replays == STEPS - 1
+    baked, r = decode_steps(tiny_llama_path, "all", True, monkeypatch)
+    assert decode_graphs(r)[0].replays == STEPS - 1
     np.testing.assert_array_equal(baked[1], eager[1])  # the eager first step
     assert all(not np.array_equal(got, want) for got, want in zip(baked[2:], eager[2:], strict=True))
 
