@@ -22,6 +22,7 @@ from hybridllm.model import PyBlock, block_cfg, block_weights
 from hybridllm.runner import Runner
 
 llama_cpp = pytest.importorskip("llama_cpp")
+from oracle import Pair  # noqa: E402
 
 N_CTX = 128
 NEW = [name for name in SPECS if name not in ("llama", "gemma3")]  # those two: test_vs_llama_cpp
@@ -40,24 +41,9 @@ def tiny_paths(tmp_path_factory: pytest.TempPathFactory, smollm_path: str) -> di
     return {name: str(write_tiny_model(folder / f"{name}.gguf", reader, SPECS[name])) for name in NEW}
 
 
-class Pair:
-    """Our Runner and llama.cpp's Llama on one file."""
-
-    def __init__(self, path: str, n_ctx: int = N_CTX) -> None:
-        self.ours = Runner(path, n_ctx=n_ctx, n_threads=2)
-        self.theirs = llama_cpp.Llama(
-            path, logits_all=True, n_ctx=n_ctx, n_threads=2, n_threads_batch=2, verbose=False
-        )
-
-    def their_logits(self, ids: list[int]) -> np.ndarray:
-        self.theirs.reset()
-        self.theirs.eval(ids)
-        return np.array(self.theirs.scores[: len(ids)], dtype=np.float32)
-
-
 @pytest.fixture(scope="module", params=NEW)
 def pair(request: pytest.FixtureRequest, tiny_paths: dict[str, str]) -> tuple[str, Pair]:
-    return request.param, Pair(tiny_paths[request.param])
+    return request.param, Pair(tiny_paths[request.param], N_CTX)
 
 
 def test_logits_equal_llama_cpp(pair: tuple[str, Pair], record_property) -> None:  # noqa: ANN001
@@ -113,7 +99,7 @@ def test_python_block_logits_equal_llama_cpp(
 ) -> None:
     """The whole model on the Python block (HYBRIDLLM_BLOCK=python) against llama.cpp."""
     monkeypatch.setenv("HYBRIDLLM_BLOCK", "python")
-    p = Pair(tiny_paths[name])
+    p = Pair(tiny_paths[name], N_CTX)
     ids = p.ours.tokenize(PROMPTS[0])
     np.testing.assert_array_equal(p.ours.logits(ids), p.their_logits(ids))
 
@@ -223,7 +209,7 @@ def test_phi3_short_factors_below_the_original_context(
     long_ctx = type(spec)(**{**spec.__dict__, "extra_meta": {**spec.extra_meta, "rope.scaling.original_context_length": 4096}})
     path = write_tiny_model(tmp_path_factory.mktemp("phi3") / "phi3-4k.gguf", mf.reader, long_ctx)
     assert ModelFile(path).rope_factors(N_CTX).name == "rope_factors_short.weight"
-    p = Pair(str(path))
+    p = Pair(str(path), N_CTX)
     ids = p.ours.tokenize(PROMPTS[0])
     np.testing.assert_array_equal(p.ours.logits(ids), p.their_logits(ids))
 

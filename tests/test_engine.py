@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import pytest
+from oracle import PROMPTS as ALL_PROMPTS
 
 from hybridllm.engine import (
     Engine,
@@ -27,16 +28,7 @@ from hybridllm.runner import Runner
 from hybridllm.sampling import Sampler
 
 N_CTX = 256
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village by the sea,",
-    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
-    "The three primary colors are",
-    "Water boils at a temperature of",
-    "In 1969, Neil Armstrong became the first person to",
-    "Here is a recipe for a simple tomato soup:\n1.",
-    "The largest planet in our solar system is",
-]
+PROMPTS = [*ALL_PROMPTS[:7], ALL_PROMPTS[9]]
 
 
 @pytest.fixture(scope="module")

@@ -19,24 +19,14 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
+from oracle import PROMPTS as ALL_PROMPTS  # noqa: E402
+
 from hybridllm.runner import Runner  # noqa: E402
 
 N_CTX = 512
 API_KEY = "sekrit-key"
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village by the sea,",
-    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
-    "The three primary colors are",
-    "Water boils at a temperature of",
-    "In 1969, Neil Armstrong became the first person to",
-    "Here is a recipe for a simple tomato soup:\n1.",
-    "The theory of relativity was developed by",
-    "Translate to French: 'Good morning, how are you?'\nFrench:",
-    "The largest planet in our solar system is",
-    "Question: What is 12 times 7?\nAnswer:",
-    "List of the days of the week: Monday, Tuesday,",
-]
+# Twelve of the oracle's prompts; the stop-string test wants the days of the week last.
+PROMPTS = [*ALL_PROMPTS[:10], ALL_PROMPTS[11], ALL_PROMPTS[-1]]
 QUESTIONS = [
     "What is the capital of France?",
     "Name three primary colors.",

@@ -19,56 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hybridllm.runner import Runner
-
 llama_cpp = pytest.importorskip("llama_cpp")
+from oracle import PROMPTS, Pair  # noqa: E402
 
 N_CTX = 512
 PERPLEXITY_TEXT = Path(__file__).parent / "data" / "perplexity_text.txt"
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village by the sea,",
-    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
-    "The three primary colors are",
-    "Water boils at a temperature of",
-    "In 1969, Neil Armstrong became the first person to",
-    "Here is a recipe for a simple tomato soup:\n1.",
-    "The theory of relativity was developed by",
-    "Translate to French: 'Good morning, how are you?'\nFrench:",
-    "The largest planet in our solar system is",
-    "A haiku about autumn leaves:\n",
-    "Question: What is 12 times 7?\nAnswer:",
-    "The main causes of the French Revolution were",
-    "import numpy as np\n\n# Create a 3x3 identity matrix\n",
-    "My favorite thing about summer is",
-    "The human heart has four chambers:",
-    "To make a cup of tea, first",
-    "Photosynthesis is the process by which plants",
-    "The quick brown fox jumps over the lazy dog. This sentence is famous because",
-    "Dear hiring manager,\n\nI am writing to apply for",
-    "The Pacific Ocean is the largest ocean on Earth, covering",
-    "List of the days of the week: Monday, Tuesday,",
-]
-
-
-class Pair:
-    """Our Runner and llama.cpp's Llama on the same file."""
-
-    def __init__(self, path: str, n_ctx: int = N_CTX) -> None:
-        self.ours = Runner(path, n_ctx=n_ctx, n_threads=2)
-        self.theirs = llama_cpp.Llama(
-            path, logits_all=True, n_ctx=n_ctx, n_threads=2, n_threads_batch=2, verbose=False
-        )
-
-    def their_logits(self, ids: list[int]) -> np.ndarray:
-        self.theirs.reset()
-        self.theirs.eval(ids)
-        return np.array(self.theirs.scores[: len(ids)], dtype=np.float32)
 
 
 @pytest.fixture(scope="module", params=["smollm", "gemma"])
 def pair(request: pytest.FixtureRequest) -> Pair:
-    return Pair(request.getfixturevalue(f"{request.param}_path"))
+    return Pair(request.getfixturevalue(f"{request.param}_path"), N_CTX)
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
