@@ -627,7 +627,7 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
     // activation quantization) itself, into its own buffers, so the team meets only after the
     // matmuls and the attention (6 barriers a block instead of 11); x is written once, at the end.
     const bool decode = n <= MAX_NA;
-    const int64_t H = H_, KV = KV_, dk = dk_, dv = dv_, dim = dim_, ffn = ffn_, group = H_ / KV_;
+    const int64_t H = H_, KV = KV_, dk = dk_, dv = dv_, dim = dim_, ffn = ffn_;
     const int64_t kvk = KV * dk, kvv = KV * dv;
     const float eps = eps_;
     Workspace& ws = *ws_;

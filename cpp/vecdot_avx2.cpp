@@ -487,6 +487,23 @@ HL_INLINE void k_rows(const QActs& a, int64_t a0, int64_t cols, KRows* r) {
 // result acc - accm. ggml_gemv (activation rows past the last multiple of 4 of the call) takes
 // the whole super-block as one span; ggml_gemm (rows in groups of 4) takes each pair of
 // sub-blocks (64 elements) as a span.
+// One 64-element chunk c (sub-blocks 2c, 2c + 1) of a Q4_K block, unpacked with its two scales;
+// dot(q8) is the chunk's scaled integer dot with 64 activation codes, in 8 int32 lanes.
+struct Q4KChunk {
+    __m256i lo, hi, s_lo, s_hi;
+    HL_INLINE Q4KChunk(const block_q4_K* x, __m256i sc16, int c) {
+        const __m256i v = loadu256(x->qs + 32 * c);
+        lo = _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
+        hi = high_nibbles(v);
+        s_lo = lane_scale(sc16, 2 * c);
+        s_hi = lane_scale(sc16, 2 * c + 1);
+    }
+    HL_INLINE __m256i dot(const int8_t* q8) const {
+        const __m256i t = dot_u8s8_scaled_acc(_mm256_setzero_si256(), lo, loadu256(q8), s_lo);
+        return dot_u8s8_scaled_acc(t, hi, loadu256(q8 + 32), s_hi);
+    }
+};
+
 // dot_q4_K for four activation rows that ggml_gemm takes in one group (all per-pair spans): the
 // float side runs across the rows, lane i of each 4-float vector being row i's chain, so each
 // output sees exactly dot_q4_K's sequence of FMAs. The integer sums are reduced straight into
@@ -495,7 +512,6 @@ HL_INLINE void q4_K_gemm4(int64_t cols, const uint8_t* w, const KRows* r, const 
                           float* out, int64_t os) {
     const int64_t nb = cols / QK_K;
     __m128 acc = _mm_setzero_ps(), accm = _mm_setzero_ps();
-    const __m256i low4 = _mm256_set1_epi8(0x0f);
     for (int64_t b = 0; b < nb; ++b) {
         const auto* x = reinterpret_cast<const block_q4_K*>(w) + b;
         prefetch_ahead(x, sizeof(*x));
@@ -503,16 +519,9 @@ HL_INLINE void q4_K_gemm4(int64_t cols, const uint8_t* w, const KRows* r, const 
         __m128i isum[4];  // isum[c]: lane i = row i's integer sum over sub-blocks 2c, 2c + 1
 #pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) {
-            const __m256i v = loadu256(x->qs + 32 * c);
-            const __m256i lo = _mm256_and_si256(v, low4);
-            const __m256i hi = high_nibbles(v);
-            const __m256i s_lo = lane_scale(sc16, 2 * c), s_hi = lane_scale(sc16, 2 * c + 1);
+            const Q4KChunk chunk(x, sc16, c);
             __m256i t[4];
-            for (int i = 0; i < 4; ++i) {
-                const int8_t* q8 = r[i].aq + b * QK_K + 64 * c;
-                t[i] = dot_u8s8_scaled_acc(_mm256_setzero_si256(), lo, loadu256(q8), s_lo);
-                t[i] = dot_u8s8_scaled_acc(t[i], hi, loadu256(q8 + 32), s_hi);
-            }
+            for (int i = 0; i < 4; ++i) t[i] = chunk.dot(r[i].aq + b * QK_K + 64 * c);
             isum[c] = hsum4_epi32(t);
         }
         // Min sums: lane j of pm = m[j] (bsum[2j] + bsum[2j + 1]); the span of pair c is j = 2c, 2c + 1.
@@ -553,7 +562,6 @@ void dot_q4_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
         per_pair[i] = a0 + i < gemm_rows;
         acc[i] = accm[i] = 0.0f;
     }
-    const __m256i low4 = _mm256_set1_epi8(0x0f);
     for (int64_t b = 0; b < nb; ++b) {
         const auto* x = reinterpret_cast<const block_q4_K*>(w) + b;
         prefetch_ahead(x, sizeof(*x));
@@ -563,14 +571,9 @@ void dot_q4_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
         for (int i = 0; i < NA; ++i) tot[i] = _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) {
-            const __m256i v = loadu256(x->qs + 32 * c);
-            const __m256i lo = _mm256_and_si256(v, low4);
-            const __m256i hi = high_nibbles(v);
-            const __m256i s_lo = lane_scale(sc16, 2 * c), s_hi = lane_scale(sc16, 2 * c + 1);
+            const Q4KChunk chunk(x, sc16, c);
             for (int i = 0; i < NA; ++i) {
-                const int8_t* q8 = r[i].aq + b * QK_K + 64 * c;
-                __m256i t = dot_u8s8_scaled_acc(_mm256_setzero_si256(), lo, loadu256(q8), s_lo);
-                t = dot_u8s8_scaled_acc(t, hi, loadu256(q8 + 32), s_hi);
+                const __m256i t = chunk.dot(r[i].aq + b * QK_K + 64 * c);
                 if (per_pair[i])
                     pair[i][c] = t;
                 else
