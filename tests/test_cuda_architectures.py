@@ -9,10 +9,12 @@ soft-caps and alternating window, granite's scales, olmo2's full-width Q/K norms
 phi3's fused matrices and LongRoPE); test_architectures.py holds the CPU to llama.cpp on them.
 
 What is held, per model, with one block and with every block and the head on the GPU:
-- logits at every position of a prompt long enough for the prefill paths (cuBLAS attention past
-  16 rows): argmax equal at >= 99% of the positions without a near-tie (test_cuda_runner's
+- logits at every position of a prompt long enough for the prefill paths (cuBLAS matmuls past
+  32 rows, cuBLAS attention past 16): argmax equal at >= 99% of the positions without a near-tie (test_cuda_runner's
   rule), the worst relative difference of a row printed (-s) and bounded;
-- greedy text equal (the decode kernels, one row at a time).
+- greedy tokens equal (the decode kernels, one row at a time) until a near-tie may part them;
+- the plan's GPU bytes cover what the backend allocates, and decode steps replayed as CUDA
+  graphs equal the eager steps bit for bit.
 The kernels: rope with frequency factors, linear scaling and YaRN bit for bit (the CPU's table
 and ggml's FMA rounding); attention with a soft-cap in both paths to the tolerance of attention
 without one; a bias added by broadcast, the residual/Q scales and full-width RMSNorm exactly or
@@ -42,23 +44,27 @@ pytestmark = pytest.mark.gpu
 #: test_cuda_runner covers llama and gemma3; these are the architectures (and llama variants)
 #: the CPU gained with issue 11.
 NEW = [name for name in SPECS if name not in ("llama", "gemma3")]
-#: 19 tokens with SmolLM2's vocabulary: past ATTN_KERNEL_ROWS (16), so the prompt goes through
-#: the cuBLAS attention path; gemma2's window (6) binds.
-PROMPT = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm windowsill."
+#: 38 tokens with SmolLM2's vocabulary: past MMVQ_MAX_ROWS (32) and ATTN_KERNEL_ROWS (16), so
+#: the prompt goes through the dequantize + cuBLAS matmuls and the cuBLAS attention; gemma2's
+#: window (6) binds.
+PROMPT = (
+    "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm windowsill. "
+    "Meanwhile, in the kitchen, a kettle begins to whistle softly and the bread is ready."
+)
+N_CTX = 64
 CONTINUE = "Once upon a time"
 #: Greedy tokens that must be equal before a near-tie may part the texts (measured: 8 of 8 on
 #: every model and placement but qwen3, whose fifth token is a near-tie 0.057 apart on the CPU,
 #: moved by 0.08 on the GPU with one block: 4 of 8; all blocks: 7 of 8).
 MIN_GREEDY = 4
-N_CTX = 48
-#: Worst row relative difference allowed: about twice the worst measured over both placements
-#: (printed with -s; emulated: llama3 2.3e-2, llama-yarn 3.2e-2, mistral 2.0e-2, qwen2 1.8e-2,
-#: qwen3 2.6e-2, gemma2 1.7e-2, granite 7.9e-3, olmo2 2.5e-2, phi3 3.4e-2). The tiny
-#: random-weight models amplify the GPU's activation rounding (8-bit blocks of 32 for decode, f16
-#: for prefill) each its own way; a dropped feature moves far more (gemma2 without the attention
-#: soft-cap on the GPU: 7.5e-2 with one GPU block).
+#: Worst row relative difference allowed: 1.5 to 2.5 times the worst measured over both
+#: placements (printed with -s; emulated: llama3 2.9e-2, llama-yarn 4.9e-2, mistral 2.7e-2,
+#: qwen2 2.3e-2, qwen3 2.7e-2, gemma2 1.6e-2, granite 9.3e-3, olmo2 2.4e-2, phi3 3.6e-2). The
+#: tiny random-weight models amplify the GPU's activation rounding (8-bit blocks of 32 for
+#: decode, f16 for prefill) each its own way; a dropped feature moves far more (gemma2 without
+#: the attention soft-cap on the GPU: 7.5e-2 with one GPU block over the first 19 tokens).
 LIMITS = {
-    "llama3": 5e-2, "llama-yarn": 7e-2, "mistral": 4e-2, "qwen2": 4e-2, "qwen3": 5e-2,
+    "llama3": 5e-2, "llama-yarn": 8e-2, "mistral": 5e-2, "qwen2": 4e-2, "qwen3": 5e-2,
     "gemma2": 4e-2, "granite": 2e-2, "olmo2": 5e-2, "phi3": 7e-2,
 }  # fmt: skip
 PLACEMENTS = [(1, False), ("all", True)]  # (n_gpu_layers, head_on_gpu)
@@ -111,7 +117,7 @@ def test_architecture_on_the_gpu(device: Any, arch_paths: dict[str, str], name: 
     cpu = Runner(path, n_ctx=N_CTX, n_threads=2, n_gpu_layers=0)
     cap = cpu.config.final_softcap
     tokens = cpu.tokenize(PROMPT)
-    assert len(tokens) > 16
+    assert len(tokens) > 32
     ref = _uncapped(cpu.logits(tokens), cap)
     for n_gpu, head in PLACEMENTS:
         gpu = Runner(path, n_ctx=N_CTX, n_threads=2, n_gpu_layers=n_gpu, gpu_margin=0, head_on_gpu=head)
