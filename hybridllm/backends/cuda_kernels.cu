@@ -732,13 +732,17 @@ attn_rows(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __
         float acc = 0.0f;
         for (int d = lane; d < dk; d += 32) acc += qs[d] * h2f(kr[d]);
         acc = warp_sum(acc);
-        if (lane == 0) s[j] = capped_score(acc, scale, softcap);
+        if (lane == 0) s[j] = acc;
     }
     __syncthreads();
 
-    // 2. softmax over the nk visible keys, probabilities rounded to f16
+    // 2. softmax over the nk visible keys, probabilities rounded to f16. The scale (and cap) is
+    // applied here rather than in the warp loop above: tanhf there spilled registers on sm_90.
     float m = neg_inf();
-    for (int j = tid; j < nk; j += blockDim.x) m = fmaxf(m, s[j]);
+    for (int j = tid; j < nk; j += blockDim.x) {
+        s[j] = capped_score(s[j], scale, softcap);
+        m = fmaxf(m, s[j]);
+    }
     m = block_max(m, red);
     double sum = 0.0;  // in double, as ggml_soft_max
     for (int j = tid; j < nk; j += blockDim.x) {
