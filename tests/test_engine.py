@@ -72,12 +72,19 @@ def test_greedy_equals_runner(runner: Runner, engine: Engine) -> None:
 
 
 def test_concurrent_requests_each_equal_alone(runner: Runner, engine: Engine) -> None:
-    """Batch invariance: 8 requests at once (4 slots, 4 waiting) give what each gives alone."""
-    alone = [_collect(engine.generate(_args(runner, p, 24)))[0] for p in PROMPTS]
+    """Batch invariance: 8 requests at once (4 slots, 4 waiting) give what each gives alone.
+    Without prefix reuse: which slot holds what depends on the requests served before, and
+    logits after a reused prefix may differ from a whole evaluation in the last bits (other
+    kernel splits, as in llama.cpp: on the AVX2 core one greedy text here changed)."""
+
+    def args(prompt: str) -> dict:
+        return {**_args(runner, prompt, 24), "reuse_prefix": False}
+
+    alone = [_collect(engine.generate(args(p)))[0] for p in PROMPTS]
     results: dict[int, str] = {}
 
     def one(i: int) -> None:
-        results[i] = _collect(engine.generate(_args(runner, PROMPTS[i], 24)))[0]
+        results[i] = _collect(engine.generate(args(PROMPTS[i])))[0]
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
     for t in threads:
