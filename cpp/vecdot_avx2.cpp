@@ -229,14 +229,14 @@ void dot32(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* ou
     }
 }
 
-// TILE_NW weight rows x MAX_NA activation rows of the LANES formats (batches): each output keeps
+// TILE_NW weight rows x MAX_NA activation rows of the LANES formats (batches; the AVX2 build's
+// tile, AVX-512 builds use tile32_pair512 below): each output keeps
 // dot32's arithmetic (acc8 = fma(dw * da, float(dot lanes), acc8) per block), with the work that
 // does not depend on the (row, activation) pair done once:
 //   * the weight block is decoded once for the four activation rows, and each activation block
 //     loaded once for both weight rows;
 //   * the eight scale products dw * da of a block are two 4-lane multiplies (d_t holds the four
-//     activation rows' scales of a block side by side), stored and broadcast from memory by each
-//     FMA (a load, not a multiply-port op: those ports bind this kernel);
+//     activation rows' scales of a block side by side), each lane then broadcast to its FMA;
 //   * the min chains of Q4_1 / Q5_1 (summs = fma(m, s, summs) per block) run as one 4-lane FMA
 //     per weight row, lane i for activation row i;
 //   * Q5_0 dots its unsigned codes starting from the activations' q5_start lanes
