@@ -7,6 +7,7 @@ them skip, but under CI (CI=true) a missing model is an error, so CI never passe
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,18 @@ def _model_path(name: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def command() -> str:
+    """The installed `hybridllm` command (CLI tests run it as users do)."""
+    path = shutil.which("hybridllm")
+    if path is None:
+        message = "the hybridllm command is not installed (pip install -e .)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
 
 
 @pytest.fixture(scope="session")

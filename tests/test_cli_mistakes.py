@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,17 +22,6 @@ import pytest
 from hybridllm import catalog
 
 USAGE, FAILED = 2, 1
-
-
-@pytest.fixture(scope="module")
-def command() -> str:
-    path = shutil.which("hybridllm")
-    if path is None:
-        message = "the hybridllm command is not installed (pip install -e .)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 @pytest.fixture

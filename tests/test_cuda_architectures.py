@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 from hybridllm.models.tiny import SPECS, write_tiny_model
+from test_cuda_backend import filled_caches
 from test_cuda_graphs import STEPS as GRAPH_STEPS
 from test_cuda_graphs import decode_graphs, decode_steps
 from test_cuda_runner import TIE, compare_logits
@@ -188,12 +189,7 @@ def test_attention_softcap(gpu: Any, cpu: CpuBackend, n: int, pos0: int, window:
     close to the CPU as attention without a cap (test_cuda_backend), and far from no cap."""
     n_heads, n_kv, d, n_ctx = 8, 2, 64, 256
     k_rows, v_rows = _rows(pos0 + n, n_kv * d, seed=4, scale=3.0), _rows(pos0 + n, n_kv * d, seed=5)
-    kc, vc = cpu.kv_cache(n_ctx, n_kv * d), cpu.kv_cache(n_ctx, n_kv * d)
-    cpu.store_kv(kc, 0, k_rows)
-    cpu.store_kv(vc, 0, v_rows)
-    gkc, gvc = gpu.kv_cache(n_ctx, n_kv * d), gpu.kv_cache(n_ctx, n_kv * d)
-    gpu.store_kv(gkc, 0, gpu.from_host(k_rows))
-    gpu.store_kv(gvc, 0, gpu.from_host(v_rows))
+    kc, vc, gkc, gvc = filled_caches(cpu, gpu, n_ctx, k_rows, v_rows)
     q = _rows(n, n_heads * d, seed=6, scale=3.0).reshape(n, n_heads, d)
     scale, cap = 1.0 / np.sqrt(d), 5.0  # raw scores ~ 3*3*8 = 72: the cap binds hard
     expected = cpu.attention(q, kc, vc, pos0, window, scale, softcap=cap)

@@ -190,17 +190,24 @@ ATTENTION_CASES = [  # (n, pos0, window)
 ]  # fmt: skip
 
 
+def filled_caches(cpu: CpuBackend, gpu: Any, n_ctx: int, k_rows: np.ndarray, v_rows: np.ndarray) -> tuple:
+    """K and V caches of n_ctx rows on the CPU and on the GPU, rows 0.. holding k_rows / v_rows
+    -> (cpu K, cpu V, gpu K, gpu V)."""
+    kc, vc = cpu.kv_cache(n_ctx, k_rows.shape[1]), cpu.kv_cache(n_ctx, v_rows.shape[1])
+    cpu.store_kv(kc, 0, k_rows)
+    cpu.store_kv(vc, 0, v_rows)
+    gkc, gvc = gpu.kv_cache(n_ctx, k_rows.shape[1]), gpu.kv_cache(n_ctx, v_rows.shape[1])
+    gpu.store_kv(gkc, 0, gpu.from_host(k_rows))
+    gpu.store_kv(gvc, 0, gpu.from_host(v_rows))
+    return kc, vc, gkc, gvc
+
+
 @pytest.mark.parametrize(("n_heads", "n_kv", "d"), [(9, 3, 64), (4, 1, 256), (8, 8, 128)])
 @pytest.mark.parametrize(("n", "pos0", "window"), ATTENTION_CASES)
 def test_attention(gpu: Any, cpu: CpuBackend, n: int, pos0: int, window: int, n_heads: int, n_kv: int, d: int) -> None:
     n_ctx = 1024
     k_rows, v_rows = _rows(pos0 + n, n_kv * d, seed=4), _rows(pos0 + n, n_kv * d, seed=5)
-    kc, vc = cpu.kv_cache(n_ctx, n_kv * d), cpu.kv_cache(n_ctx, n_kv * d)
-    cpu.store_kv(kc, 0, k_rows)
-    cpu.store_kv(vc, 0, v_rows)
-    gkc, gvc = gpu.kv_cache(n_ctx, n_kv * d), gpu.kv_cache(n_ctx, n_kv * d)
-    gpu.store_kv(gkc, 0, gpu.from_host(k_rows))
-    gpu.store_kv(gvc, 0, gpu.from_host(v_rows))
+    kc, vc, gkc, gvc = filled_caches(cpu, gpu, n_ctx, k_rows, v_rows)
     q = _rows(n, n_heads * d, seed=6).reshape(n, n_heads, d)
     scale = 1.0 / np.sqrt(d)
     expected = cpu.attention(q, kc, vc, pos0, window, scale)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -302,17 +301,6 @@ def test_max_tokens_cuts_a_constrained_output(smollm: Runner) -> None:
 
 
 # --- the CLI ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def command() -> str:
-    path = shutil.which("hybridllm")
-    if path is None:
-        message = "the hybridllm command is not installed (pip install -e .)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 def hybridllm(command: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "HYBRIDLLM_DEBUG"}
     return subprocess.run([command, *args], env={**env, "COLUMNS": "80"}, input=stdin,
