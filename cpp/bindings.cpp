@@ -86,7 +86,7 @@ void py_dequantize(const py::array& raw, int qtype, int64_t rows, int64_t cols, 
 }
 
 void py_matmul(const py::array& raw, int qtype, int64_t rows, int64_t cols, const py::array& x,
-               py::array out, int n_threads) {
+               py::array out, int n_threads, bool rows_alone) {
     const hl::TypeInfo ti = checked_type(qtype);
     const int64_t rb = checked_row_bytes(ti, rows, cols);
     const uint8_t* w = raw_ptr(raw, rows, rb);
@@ -96,7 +96,7 @@ void py_matmul(const py::array& raw, int qtype, int64_t rows, int64_t cols, cons
     float* op = typed_ptr<float>(out, "out", n * rows, "float32", true);
     const int nt = threads_or_default(n_threads);
     py::gil_scoped_release nogil;
-    hl::matmul(w, qtype, rows, cols, xp, n, op, nt);
+    hl::matmul(w, qtype, rows, cols, xp, n, op, nt, rows_alone);
 }
 
 void py_get_rows(const py::array& raw, int qtype, int64_t rows, int64_t cols, const py::array& ids,
@@ -141,8 +141,9 @@ PYBIND11_MODULE(_core, m) {
           py::arg("cols"), py::arg("out"),
           "out[rows, cols] = dequantized raw (rows x row_bytes GGML bytes).");
     m.def("matmul", &py_matmul, py::arg("raw"), py::arg("qtype"), py::arg("rows"), py::arg("cols"),
-          py::arg("x"), py::arg("out"), py::arg("n_threads") = 0,
-          "out[n, rows] = x[n, cols] @ W.T; n_threads <= 0 means physical cores.");
+          py::arg("x"), py::arg("out"), py::arg("n_threads") = 0, py::arg("rows_alone") = false,
+          "out[n, rows] = x[n, cols] @ W.T; n_threads <= 0 means physical cores; rows_alone: each\n"
+          "row computed with the arithmetic of a one-row call (independent of the other rows).");
     m.def("get_rows", &py_get_rows, py::arg("raw"), py::arg("qtype"), py::arg("rows"),
           py::arg("cols"), py::arg("ids"), py::arg("out"),
           "out[k, cols] = dequantized rows ids[k] (int64).");

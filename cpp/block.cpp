@@ -260,29 +260,73 @@ void rope_head(float* x, const float* cs, const float* sn, int64_t half, bool ne
 
 // ---- activations quantized for one weight format, in panels of P rows ----------------------
 
-// x [n][cols] prepared for the kernels of one activation kind: panel p holds rows
-// [p P, p P + P) as its own QActs (so a work item can take any panel; tiles of MAX_NA rows
-// start at multiples of MAX_NA as in hl::matmul, hence the same results).
+// A sequence's rows in a forward: rows [row0, row0 + n) of x, at positions pos0.., with its own
+// f16 KV cache (kc [n_ctx][KV * dk], vc [n_ctx][KV * dv]). A plain forward is one segment; a
+// batched one (forward_batch) carries several sequences, each in the cache of its own Block.
+struct Segment {
+    int64_t row0, n, pos0;
+    uint16_t *kc, *vc;
+};
+
+// Activation rows [row0, row0 + n) held by one QActs, with the arithmetic of a call of n_call
+// rows (QActs::n_call). A work item takes one panel against a chunk of weight rows.
+struct Panel {
+    int64_t row0, n, n_call;
+};
+
+// Panels of a step, cut so that every row is computed exactly as in a forward of its segment
+// alone (batch invariance): a segment of up to MAX_NA rows is one panel (a decode step), a longer
+// one panels of 64 rows from its start (a prompt chunk; tiles of MAX_NA rows then start at
+// multiples of MAX_NA as in hl::matmul, hence the same results). Consecutive one-row segments
+// (decode steps of several sequences) share panels of up to MAX_NA rows with n_call = 1, so each
+// weight block is decoded once for them all while each row keeps its one-row arithmetic.
+void cut_panels(const std::vector<Segment>& segs, std::vector<Panel>& panels) {
+    constexpr int64_t kPromptPanel = 64;
+    panels.clear();
+    for (const Segment& s : segs) {
+        if (s.n == 1 && !panels.empty()) {
+            Panel& last = panels.back();
+            if (last.n_call == 1 && last.n < MAX_NA && last.row0 + last.n == s.row0) {
+                ++last.n;
+                continue;
+            }
+        }
+        const int64_t P = s.n <= MAX_NA ? s.n : kPromptPanel;
+        for (int64_t r = 0; r < s.n; r += P) {
+            const int64_t rows = std::min(P, s.n - r);
+            panels.push_back({s.row0 + r, rows, rows});
+        }
+    }
+}
+
+// x [n][cols] prepared for the kernels of one activation kind: one QActs per panel (so a work
+// item can take any panel).
 struct ActSet {
     int kind = ACT_F32;
     const float* x = nullptr;
-    int64_t n = 0, cols = 0, P = 1;
+    int64_t cols = 0;
+    const Panel* panel_of = nullptr;      // [n_panels]
+    const int32_t* row_panel = nullptr;  // [n]: the panel holding row r
     std::vector<QActs> panels;
     Buf<uint8_t> buf;
 
-    void layout(int kind_, const float* x_, int64_t n_, int64_t cols_, int64_t P_) {
-        kind = kind_, x = x_, n = n_, cols = cols_, P = P_;
-        const int64_t np = (n + P - 1) / P;
-        const int64_t per = round_up(static_cast<int64_t>(acts_bytes(kind, P, cols)), 64);
-        uint8_t* b = buf.get(static_cast<size_t>(per * np + 64));
-        panels.resize(static_cast<size_t>(np));
-        for (int64_t p = 0; p < np; ++p)
-            panels[p] = acts_layout(kind, std::min(P, n - p * P), cols, b + p * per, x + p * P * cols);
+    void layout(int kind_, const float* x_, int64_t cols_, const std::vector<Panel>& pl, const int32_t* row_panel_) {
+        kind = kind_, x = x_, cols = cols_, panel_of = pl.data(), row_panel = row_panel_;
+        int64_t total = 64;
+        for (const Panel& p : pl) total += round_up(static_cast<int64_t>(acts_bytes(kind, p.n, cols)), 64);
+        uint8_t* b = buf.get(static_cast<size_t>(total));
+        panels.resize(pl.size());
+        for (size_t i = 0; i < pl.size(); ++i) {
+            panels[i] = acts_layout(kind, pl[i].n, cols, b, x + pl[i].row0 * cols);
+            panels[i].n_call = pl[i].n_call;
+            b += round_up(static_cast<int64_t>(acts_bytes(kind, pl[i].n, cols)), 64);
+        }
     }
     void quantize_row(int64_t r) const {
         if (kind == ACT_F32) return;
-        const int64_t p = r / P, i = r - p * P;
-        quantize_acts_rows(panels[p], x + p * P * cols, i, i + 1);
+        const int32_t p = row_panel[r];
+        const int64_t r0 = panel_of[p].row0;
+        quantize_acts_rows(panels[p], x + r0 * cols, r - r0, r - r0 + 1);
     }
 };
 
@@ -317,14 +361,14 @@ struct MatItem {
 
 inline int64_t job_row_bytes(const MatJob& j) { return j.m->rb + (j.m2 ? j.m2->rb : 0); }
 
-// Work list of a phase. n <= MAX_NA (decode): the rows of each job cut into items of about
-// 1/nt of the phase's weight bytes, longest first (memory-bound; every item start costs a
-// stream ramp-up, ~0.4 us measured: 4 items a thread made a SmolLM token 8% slower, 16 items
-// 70% slower). Else chunks of ~256 KiB of weights (L2-resident while the panel's activation
-// tiles pass over them) times panels of P activation rows, at least ~4 items a thread.
-void plan_phase(std::vector<MatItem>& items, const MatJob* jobs, int n_jobs, int64_t n, int64_t P, int nt) {
+// Work list of a phase over n activation rows in np panels. n <= MAX_NA (decode): the rows of
+// each job cut into items of about 1/nt of the phase's weight bytes, longest first
+// (memory-bound; every item start costs a stream ramp-up, ~0.4 us measured: 4 items a thread
+// made a SmolLM token 8% slower, 16 items 70% slower). Else chunks of ~256 KiB of weights
+// (L2-resident while the panels' activation tiles pass over them) times the panels, at least
+// ~4 items a thread.
+void plan_phase(std::vector<MatItem>& items, const MatJob* jobs, int n_jobs, int64_t n, int64_t np, int nt) {
     items.clear();
-    const int64_t np = (n + P - 1) / P;
     int64_t total = 0;
     for (int j = 0; j < n_jobs; ++j) total += jobs[j].m->rows * job_row_bytes(jobs[j]);
     for (int j = 0; j < n_jobs; ++j) {
@@ -351,7 +395,7 @@ void plan_phase(std::vector<MatItem>& items, const MatJob* jobs, int n_jobs, int
 
 inline void run_mat(const Mat& m, const ActSet& a, float* out, const MatItem& it) {
     const int64_t stride = m.rows;
-    matmul_rows(m.w, m.type, it.r0, it.r1, a.panels[it.p], out + it.p * a.P * stride, stride);
+    matmul_rows(m.w, m.type, it.r0, it.r1, a.panels[it.p], out + a.panel_of[it.p].row0 * stride, stride);
 }
 
 // Activation sets of a step: the attn_norm output in up to three formats (Q, K, V), o, the
@@ -373,7 +417,9 @@ struct Workspace {
     std::mutex mu;
     Buf<float> xn, q, k, v, o, att, h, g, u, a, f;
     ActSet acts[kNumActs];  // batches: shared by the team
-    Attention attn;
+    std::vector<Panel> panels;
+    std::vector<int32_t> row_panel, row_seg;  // [n]: each row's panel and segment
+    std::vector<std::unique_ptr<Attention>> attn;  // one per segment
     std::vector<MatItem> qkv_items, o_items, gu_items, d_items;
     std::vector<std::unique_ptr<ThreadScratch>> threads;
 };
@@ -398,11 +444,14 @@ class Block {
    public:
     Block(const py::dict& cfg, const py::dict& weights, int64_t n_ctx);
     void forward(const py::object& xo, int64_t pos0, const py::object& n_threads);
+    void forward_batch(const py::object& xo, const py::sequence& segments, const py::object& n_threads);
     py::array cache_view(const py::object& self, bool k) const;
     int64_t n_ctx() const { return n_ctx_; }
 
    private:
-    void run(float* x, int64_t n, int64_t pos0, int nt);
+    float* checked_rows(const py::object& xo, int64_t* n) const;
+    bool same_weights(const Block& o) const;
+    void run(float* x, const std::vector<Segment>& segs, int nt);
 
     // hyper-parameters
     int64_t dim_ = 0, H_ = 0, KV_ = 0, dk_ = 0, dv_ = 0, ffn_ = 0, rope_dim_ = 0, window_ = 0, n_ctx_ = 0;
@@ -589,7 +638,17 @@ py::array Block::cache_view(const py::object& self, bool k) const {
                      {static_cast<int64_t>(width * sizeof(uint16_t)), static_cast<int64_t>(sizeof(uint16_t))}, p, self);
 }
 
-void Block::forward(const py::object& xo, int64_t pos0, const py::object& n_threads) {
+int threads_arg(const py::object& n_threads) {
+    int nt = 0;
+    if (!n_threads.is_none()) {
+        if (!py::isinstance<py::int_>(n_threads)) throw py::type_error("n_threads must be an int or None");
+        nt = n_threads.cast<int>();
+    }
+    return nt > 0 ? nt : physical_cores();
+}
+
+// x checked as a writable C-contiguous float32 (n, dim) array -> its data; *n its rows.
+float* Block::checked_rows(const py::object& xo, int64_t* n) const {
     if (!py::isinstance<py::array>(xo))
         throw py::type_error("x must be a float32 numpy array of shape (n, " + std::to_string(dim_) + "), got " +
                              std::string(py::str(py::type::of(xo).attr("__name__"))));
@@ -603,26 +662,75 @@ void Block::forward(const py::object& xo, int64_t pos0, const py::object& n_thre
     }
     if (!(x.flags() & py::array::c_style)) value_error("x must be C-contiguous");
     if (!x.writeable()) value_error("x is read-only (it is updated in place)");
-    const int64_t n = x.shape(0);
-    if (pos0 < 0) value_error("pos0 must be >= 0, got " + std::to_string(pos0));
-    if (pos0 + n > n_ctx_)
-        value_error("positions " + std::to_string(pos0) + ".." + std::to_string(pos0 + n - 1) +
-                    " exceed n_ctx=" + std::to_string(n_ctx_));
-    int nt = 0;
-    if (!n_threads.is_none()) {
-        if (!py::isinstance<py::int_>(n_threads)) throw py::type_error("n_threads must be an int or None");
-        nt = n_threads.cast<int>();
-    }
-    if (nt <= 0) nt = physical_cores();
-    if (n == 0) return;
-    float* xp = static_cast<float*>(x.mutable_data());
-    py::gil_scoped_release nogil;
-    std::lock_guard<std::mutex> lock(ws_->mu);
-    run(xp, n, pos0, nt);
+    *n = x.shape(0);
+    return static_cast<float*>(x.mutable_data());
 }
 
-void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
+void check_positions(int64_t pos0, int64_t n, int64_t n_ctx) {
+    if (pos0 < 0) value_error("pos0 must be >= 0, got " + std::to_string(pos0));
+    if (pos0 + n > n_ctx)
+        value_error("positions " + std::to_string(pos0) + ".." + std::to_string(pos0 + n - 1) +
+                    " exceed n_ctx=" + std::to_string(n_ctx));
+}
+
+void Block::forward(const py::object& xo, int64_t pos0, const py::object& n_threads) {
+    int64_t n = 0;
+    float* xp = checked_rows(xo, &n);
+    check_positions(pos0, n, n_ctx_);
+    const int nt = threads_arg(n_threads);
+    if (n == 0) return;
+    const std::vector<Segment> segs = {{0, n, pos0, kc_.get(0), vc_.get(0)}};
+    py::gil_scoped_release nogil;
+    std::lock_guard<std::mutex> lock(ws_->mu);
+    run(xp, segs, nt);
+}
+
+// The same matrices and hyper-parameters (blocks of one layer made for different slots).
+bool Block::same_weights(const Block& o) const {
+    const Mat* a[] = {&wq_, &wk_, &wv_, &wo_, &wg_, &wu_, &wd_};
+    const Mat* b[] = {&o.wq_, &o.wk_, &o.wv_, &o.wo_, &o.wg_, &o.wu_, &o.wd_};
+    for (int i = 0; i < 7; ++i)
+        if (a[i]->w != b[i]->w || a[i]->type != b[i]->type || a[i]->rows != b[i]->rows || a[i]->cols != b[i]->cols)
+            return false;
+    return attn_norm_ == o.attn_norm_ && ffn_norm_ == o.ffn_norm_ && window_ == o.window_ && rope_ == o.rope_;
+}
+
+void Block::forward_batch(const py::object& xo, const py::sequence& segments, const py::object& n_threads) {
+    int64_t n = 0;
+    float* xp = checked_rows(xo, &n);
+    const int nt = threads_arg(n_threads);
+    std::vector<Segment> segs;
+    std::vector<const Block*> seen;
+    int64_t row = 0;
+    for (const py::handle item : segments) {
+        const auto t = py::reinterpret_borrow<py::object>(item);
+        if (!py::isinstance<py::tuple>(t) || py::len(t) != 3)
+            throw py::type_error("each segment must be a tuple (block, pos0, n)");
+        const py::tuple seg = t.cast<py::tuple>();
+        if (!py::isinstance<Block>(seg[0])) throw py::type_error("a segment's block must be a _core.Block");
+        const Block& b = seg[0].cast<const Block&>();
+        const int64_t pos0 = seg[1].cast<int64_t>(), rows = seg[2].cast<int64_t>();
+        if (!same_weights(b)) value_error("a segment's block has other weights than this block's layer");
+        if (std::find(seen.begin(), seen.end(), &b) != seen.end())
+            value_error("two segments use the same block (one KV cache per sequence)");
+        if (rows < 1) value_error("a segment must have n >= 1 rows, got " + std::to_string(rows));
+        check_positions(pos0, rows, b.n_ctx_);
+        seen.push_back(&b);
+        auto& kc = const_cast<Buf<uint16_t>&>(b.kc_);
+        auto& vc = const_cast<Buf<uint16_t>&>(b.vc_);
+        segs.push_back({row, rows, pos0, kc.get(0), vc.get(0)});
+        row += rows;
+    }
+    if (row != n) value_error("the segments cover " + std::to_string(row) + " rows, x has " + std::to_string(n));
+    if (n == 0) return;
+    py::gil_scoped_release nogil;
+    std::lock_guard<std::mutex> lock(ws_->mu);
+    run(xp, segs, nt);
+}
+
+void Block::run(float* x, const std::vector<Segment>& segs, int nt) {
     const bool simd = !force_scalar();
+    const int64_t n = segs.back().row0 + segs.back().n;
     // Decode steps (n <= MAX_NA): every thread does the row-wise work (norms, residual,
     // activation quantization) itself, into its own buffers, so the team meets only after the
     // matmuls and the attention (6 barriers a block instead of 11); x is written once, at the end.
@@ -641,11 +749,20 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
     float* up = ws.u.get(n * ffn);
     float* ac = ws.a.get(n * ffn);
     float* f = ws.f.get(n * dim);
-    uint16_t* kc = kc_.get(0);
-    uint16_t* vc = vc_.get(0);
+
+    // Panels of activation rows, and each row's panel and segment.
+    cut_panels(segs, ws.panels);
+    const int64_t np = static_cast<int64_t>(ws.panels.size());
+    const Panel* panels = ws.panels.data();
+    ws.row_panel.resize(static_cast<size_t>(n));
+    ws.row_seg.resize(static_cast<size_t>(n));
+    for (int64_t p = 0; p < np; ++p)
+        std::fill_n(ws.row_panel.begin() + panels[p].row0, panels[p].n, static_cast<int32_t>(p));
+    for (size_t si = 0; si < segs.size(); ++si)
+        std::fill_n(ws.row_seg.begin() + segs[si].row0, segs[si].n, static_cast<int32_t>(si));
+    const int32_t* row_seg = ws.row_seg.data();
 
     // Activation formats: one set per distinct format among the weights reading one input.
-    const int64_t P = n <= MAX_NA ? n : 64;
     int n_xn = 0, xn_kind[3], qkv_acts[3];
     const Mat* qkv_mat[3] = {&wq_, &wk_, &wv_};
     for (int i = 0; i < 3; ++i) {
@@ -657,15 +774,19 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
     }
     const int kind_g = act_kind_for(wg_.type), kind_u = act_kind_for(wu_.type);
     const int n_h = kind_g == kind_u ? 1 : 2;
+    const int32_t* row_panel = ws.row_panel.data();
     auto layout = [&](ActSet* acts, const float* xn, const float* h) {
-        for (int s = 0; s < n_xn; ++s) acts[A_XN0 + s].layout(xn_kind[s], xn, n, dim, P);
-        acts[A_O].layout(act_kind_for(wo_.type), o, n, H * dv, P);
-        acts[A_H0].layout(kind_g, h, n, dim, P);
-        if (n_h == 2) acts[A_H1].layout(kind_u, h, n, dim, P);
-        acts[A_ACT].layout(act_kind_for(wd_.type), ac, n, ffn, P);
+        for (int s = 0; s < n_xn; ++s) acts[A_XN0 + s].layout(xn_kind[s], xn, dim, ws.panels, row_panel);
+        acts[A_O].layout(act_kind_for(wo_.type), o, H * dv, ws.panels, row_panel);
+        acts[A_H0].layout(kind_g, h, dim, ws.panels, row_panel);
+        if (n_h == 2) acts[A_H1].layout(kind_u, h, dim, ws.panels, row_panel);
+        acts[A_ACT].layout(act_kind_for(wd_.type), ac, ffn, ws.panels, row_panel);
     };
 
-    ws.attn.plan(AttnShape{H, KV, dk, dv, window_, scale_, softcap_}, n, pos0, nt, simd);
+    // Attention: each segment over its own cache, planned as for that sequence alone.
+    while (ws.attn.size() < segs.size()) ws.attn.push_back(std::make_unique<Attention>());
+    for (size_t si = 0; si < segs.size(); ++si)
+        ws.attn[si]->plan(AttnShape{H, KV, dk, dv, window_, scale_, softcap_}, segs[si].n, segs[si].pos0, nt, simd);
 
     while (static_cast<int>(ws.threads.size()) < nt) ws.threads.push_back(std::make_unique<ThreadScratch>());
     for (int t = 0; t < nt; ++t) {
@@ -687,10 +808,10 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
     const MatJob o_job = {&wo_, A_O, att};
     const MatJob gu_job = {&wg_, A_H0, gt, Post::None, 1, &wu_, n_h == 2 ? A_H1 : A_H0, up};
     const MatJob d_job = {&wd_, A_ACT, f};
-    plan_phase(ws.qkv_items, qkv_jobs, 3, n, P, nt);
-    plan_phase(ws.o_items, &o_job, 1, n, P, nt);
-    plan_phase(ws.gu_items, &gu_job, 1, n, P, nt);
-    plan_phase(ws.d_items, &d_job, 1, n, P, nt);
+    plan_phase(ws.qkv_items, qkv_jobs, 3, n, np, nt);
+    plan_phase(ws.o_items, &o_job, 1, n, np, nt);
+    plan_phase(ws.gu_items, &gu_job, 1, n, np, nt);
+    plan_phase(ws.d_items, &d_job, 1, n, np, nt);
     const MatItem* qkv_it = ws.qkv_items.data();
     const MatItem* o_it = ws.o_items.data();
     const MatItem* gu_it = ws.gu_items.data();
@@ -731,9 +852,12 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
     // Heads [r0 / hd, r1 / hd) of the Q/K/V rows an item just computed, for its panel's rows:
     // Q: q_norm, rope, f16 rounding; K: k_norm, rope, into the f16 cache; V: into its cache.
     auto post_heads = [&](const MatJob& j, const MatItem& it) {
-        const int64_t a0 = it.p * P, a1 = std::min(n, a0 + P);
+        const int64_t a0 = panels[it.p].row0, a1 = a0 + panels[it.p].n;
         for (int64_t t = a0; t < a1; ++t) {
-            const int64_t pos = pos0 + t;
+            const Segment& sg = segs[row_seg[t]];
+            const int64_t pos = sg.pos0 + (t - sg.row0);
+            uint16_t* kc = sg.kc;
+            uint16_t* vc = sg.vc;
             const float* cs = rope ? rope->cos.data() + pos * half : nullptr;
             const float* sn = rope ? rope->sin.data() + pos * half : nullptr;
             if (j.post == Post::Q) {
@@ -794,8 +918,10 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
             run_mat(*j.m, acts[j.acts], j.out, qkv_it[i]);
             post_heads(j, qkv_it[i]);
         }
-        // 3-4. o = softmax(q16 . K^T * scale + causal/window mask) . V (attention.cpp)
-        ws.attn.run(q, kc, vc, o);
+        // 3-4. o = softmax(q16 . K^T * scale + causal/window mask) . V (attention.cpp), for each
+        //      segment over its own cache
+        for (size_t si = 0; si < segs.size(); ++si)
+            ws.attn[si]->run(q + segs[si].row0 * H * dk, segs[si].kc, segs[si].vc, o + segs[si].row0 * H * dv);
         // 5-6. att = o @ Wo.T
         if (decode) {
             for (int64_t r = 0; r < n; ++r) acts[A_O].quantize_row(r);
@@ -832,7 +958,7 @@ void Block::run(float* x, int64_t n, int64_t pos0, int nt) {
             const MatItem& it = gu_it[i];
             run_mat(*gu_job.m, acts[gu_job.acts], gu_job.out, it);
             run_mat(*gu_job.m2, acts[gu_job.acts2], gu_job.out2, it);
-            const int64_t a0 = it.p * P, a1 = std::min(n, a0 + P);
+            const int64_t a0 = panels[it.p].row0, a1 = a0 + panels[it.p].n;
             for (int64_t r = a0; r < a1; ++r) {
                 if (gelu_)
                     geglu_cols(gt + r * ffn, up + r * ffn, ac + r * ffn, it.r0, it.r1, gelu_table_, simd);
@@ -881,6 +1007,12 @@ void register_block(py::module_& m) {
              py::arg("n_ctx"))
         .def("forward", &Block::forward, py::arg("x"), py::arg("pos0"), py::arg("n_threads") = py::none(),
              "Evaluate rows x[n, dim] at positions pos0.. in place; n_threads <= 0 or None: physical cores.")
+        .def("forward_batch", &Block::forward_batch, py::arg("x"), py::arg("segments"),
+             py::arg("n_threads") = py::none(),
+             "Evaluate the rows of several sequences in one pass: segments is a sequence of\n"
+             "(block, pos0, n) covering x's rows in order, each block this layer's block of one\n"
+             "sequence (same weights, its own KV cache). Every row's result equals a forward of its\n"
+             "segment alone, bit for bit.")
         .def_property_readonly("k_cache", [](const py::object& self) { return self.cast<const Block&>().cache_view(self, true); })
         .def_property_readonly("v_cache", [](const py::object& self) { return self.cast<const Block&>().cache_view(self, false); })
         .def_property_readonly("n_ctx", &Block::n_ctx);

@@ -147,11 +147,12 @@ void set_force_scalar(bool on) { g_force_scalar.store(on); }
 bool force_scalar() { return g_force_scalar.load(); }
 
 void matmul(const uint8_t* w, int type, int64_t rows, int64_t cols, const float* x, int64_t n,
-            float* out, int n_threads) {
+            float* out, int n_threads, bool rows_alone) {
     if (rows <= 0 || n <= 0) return;
     const int kind = act_kind_for(type);
     void* buf = t_scratch[kUserSlots].get(acts_bytes(kind, n, cols));
-    const QActs acts = acts_layout(kind, n, cols, buf, x);
+    QActs acts = acts_layout(kind, n, cols, buf, x);
+    if (rows_alone) acts.n_call = 1;
     const Kernels ks = kernels_for(type, kind, cols);
     const Plan p = make_plan(rows, n, cols, ks.rb, n_threads);
     run_plan(p, ks, w, rows, acts, kind == ACT_F32 ? nullptr : x, out);

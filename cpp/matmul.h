@@ -14,8 +14,10 @@ namespace hl {
 // Full matmul: quantizes x once to the partner format (scratch owned by the calling thread) and
 // runs an OpenMP team of n_threads over tiles of weight rows x activation rows.
 // Preconditions (checked by callers): type supported, cols a multiple of its block size.
+// rows_alone: every activation row gets the arithmetic of a one-row call (QActs::n_call = 1),
+// so row i of the result does not depend on the other rows (the rows of several sequences).
 void matmul(const uint8_t* w, int type, int64_t rows, int64_t cols, const float* x, int64_t n,
-            float* out, int n_threads);
+            float* out, int n_threads, bool rows_alone = false);
 
 // Pieces of the same, for a caller that quantizes one activation set and multiplies it by several
 // weight matrices (Q, K and V of one input), or runs inside its own parallel region:

@@ -199,6 +199,7 @@ QActs acts_layout(int kind, int64_t n, int64_t cols, void* buf, const float* x) 
     QActs a;
     a.kind = kind;
     a.n = n;
+    a.n_call = n;
     a.cols = cols;
     if (kind == ACT_F32) {
         a.xf = x;

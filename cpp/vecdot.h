@@ -29,6 +29,11 @@ int act_kind_for(int type);
 struct QActs {
     int kind = ACT_F32;
     int64_t n = 0, cols = 0;
+    // Activation rows of the llama.cpp call whose arithmetic the kernels copy (its ne11): the
+    // ggml_gemm groups of Q4_K, the tiled K-quant and tinyBLAS float paths are chosen from it.
+    // acts_layout sets it to n; 1 makes every row compute as a one-row call (decode rows of
+    // several sequences in one panel, each as if alone: the engine's batch invariance).
+    int64_t n_call = 0;
     const float* xf = nullptr;         // ACT_F32: [n][ld]
     int64_t ld = 0;                    // ACT_F32: row stride of xf in floats (>= cols)
     const int8_t* qs = nullptr;        // quantized: [n][cols]

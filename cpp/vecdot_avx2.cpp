@@ -552,7 +552,7 @@ void dot_q4_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
     KRows r[NA];
     k_rows<NA>(a, a0, cols, r);
     const int64_t nb = cols / QK_K;
-    const int64_t gemm_rows = a.n - a.n % 4;
+    const int64_t gemm_rows = a.n_call - a.n_call % 4;
     if constexpr (NA == 4) {
         if (a0 + 3 < gemm_rows) return q4_K_gemm4(cols, w, r, a.d_t + a0, a.n, out, os);
     }
@@ -612,7 +612,7 @@ void dot_q4_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
 void matvec_q4_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float* out) {
     constexpr int NR = MATVEC_NR;
     static_assert(NR == 4, "the reductions pack 4 rows");
-    if (a0 < a.n - a.n % 4) {  // a row of a ggml_gemm group: the other order
+    if (a0 < a.n_call - a.n_call % 4) {  // a row of a ggml_gemm group: the other order
         for (int r = 0; r < NR; ++r) dot_q4_K<1>(cols, w + r * (cols / QK_K) * sizeof(block_q4_K), a, a0, out + r, 0);
         return;
     }
@@ -668,7 +668,7 @@ void dot_q5_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
     KRows r[NA];
     k_rows<NA>(a, a0, cols, r);
     const int64_t nb = cols / QK_K;
-    const bool tiled = a.n >= 8;
+    const bool tiled = a.n_call >= 8;
     __m256 acc[NA];
     float accs[NA], summs[NA];
     for (int i = 0; i < NA; ++i) {
@@ -724,7 +724,7 @@ void dot_q6_K(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float*
     KRows r[NA];
     k_rows<NA>(a, a0, cols, r);
     const int64_t nb = cols / QK_K;
-    const bool tiled = a.n >= 8;
+    const bool tiled = a.n_call >= 8;
     __m256 acc[NA];
     float accs[NA];
     __m128 acc4 = _mm_setzero_ps();  // NA == 4 and tiled: lane i is accs[i]
@@ -947,7 +947,7 @@ void dot_float(int64_t cols, const uint8_t* w, const QActs& a, int64_t a0, float
     constexpr int L = kFloatLanes, H = L / 8;  // H: 8-lane halves per ggml vector
     const float* x[NA];
     for (int i = 0; i < NA; ++i) x[i] = a.xf + (a0 + i) * a.ld;
-    if (a.n >= 2 && cols % L == 0) {  // tinyBLAS
+    if (a.n_call >= 2 && cols % L == 0) {  // tinyBLAS
         __m256 acc[NA][H];
         for (int i = 0; i < NA; ++i)
             for (int h = 0; h < H; ++h) acc[i][h] = _mm256_setzero_ps();

@@ -16,9 +16,10 @@ The scheduler runs in its own thread (the forward is C++ that releases the GIL, 
 loop in another thread stays responsive). Each tick it samples one token for every decoding
 sequence (round robin), then evaluates those tokens plus at most `prefill_chunk` tokens of the
 prompts being prefilled, so a long prompt never freezes the other streams.
-`_evaluate` takes the tick's work as rows of (slot, tokens, pos0): today it runs one forward
-per slot; a batched forward over several sequences' rows slots in there, under the same
-interface. Results come back through each request's `emit(event)` callback, called on the
+`_evaluate` runs the tick's rows, every sequence at its own positions in its own cache, as one
+batched forward (`Model.forward_batch`): each weight is read once per tick for all the streams,
+and each sequence's logits are bit for bit those of its evaluation alone, so a request's tokens
+do not depend on what else is served. Results come back through each request's `emit(event)` callback, called on the
 engine thread: `Piece` (text and the tokens behind it) and finally `Finished` or `Failed`.
 """
 
@@ -202,7 +203,8 @@ class Engine:
         """model: a loaded `Model`; each slot gets blocks with a KV cache of n_ctx rows."""
         if n_slots < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("n_slots and prefill_chunk must be >= 1, max_queue >= 0")
-        self.tokenizer, self.max_queue, self.prefill_chunk = tokenizer, max_queue, prefill_chunk
+        self.model, self.tokenizer = model, tokenizer
+        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         # Every slot has a cache of its own, the model's included: the caller (a Runner) may
         # still evaluate on the model's own cache.
         self.slots = [Slot(i, model_with_own_cache(model)) for i in range(n_slots)]
@@ -351,24 +353,39 @@ class Engine:
                 seq.logits = result
 
     def _prefill_chunks(self) -> list[tuple[_Sequence, list[int]]]:
-        """This tick's prompt tokens: at most prefill_chunk in all, taken round robin from the
-        prompts being prefilled (several short prompts share a tick; a long one takes turns)."""
+        """This tick's prompt chunks: at most prefill_chunk tokens in all (but at least one
+        chunk), taken round robin from the prompts being prefilled, so several short prompts
+        share a tick and a long one takes turns. A prompt is always cut into chunks of
+        prefill_chunk tokens from its start, whatever else is served: its rows then go through
+        the same kernel splits as when it is served alone (batch invariance)."""
         prefilling = [s for s in self._active if s.pending and not s.handle.cancelled]
         chunks, budget = [], self.prefill_chunk
         for i in range(len(prefilling)):
-            if budget == 0:
-                break
             seq = prefilling[(self._prefill_turn + i) % len(prefilling)]
-            chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
+            size = min(len(seq.pending), self.prefill_chunk)
+            if chunks and size > budget:
+                continue
+            chunk, seq.pending = seq.pending[:size], seq.pending[size:]
             chunks.append((seq, chunk))
-            budget -= len(chunk)
+            budget -= size
         self._prefill_turn += 1
         return chunks
 
     def _evaluate(self, work: list[tuple[_Sequence, list[int]]]) -> list[Any]:
-        """Evaluate each row group (sequence, its tokens at the slot's next positions) ->
-        the logits after each group's last token, or the exception it raised. One forward per
-        sequence for now; a batched forward takes the same rows."""
+        """Evaluate each row group (sequence, its tokens at the slot's next positions) in one
+        batched forward -> the logits after each group's last token. Should the batch fail,
+        each group is evaluated alone, so that a failure (its exception, in its place) is only
+        its own request's."""
+        segments = [(seq.slot.model, tokens, len(seq.slot.tokens)) for seq, tokens in work]
+        try:
+            logits = self.model.forward_batch(segments)
+        except Exception:  # noqa: BLE001 - find which sequence it was, below
+            return self._evaluate_each(work)
+        for seq, tokens in work:
+            seq.slot.tokens.extend(tokens)
+        return logits
+
+    def _evaluate_each(self, work: list[tuple[_Sequence, list[int]]]) -> list[Any]:
         results: list[Any] = []
         for seq, tokens in work:
             slot = seq.slot

@@ -180,6 +180,20 @@ class PyBlock:
         ffn = be.matmul(w["ffn_down"], act)  # (n, ffn_dim) -> (n, dim)
         be.add(x, self._branch_out(ffn, "post_ffw_norm"))
 
+    def forward_batch(
+        self, x: Any, segments: Sequence[tuple[PyBlock, int, int]], n_threads: int | None = None
+    ) -> None:
+        """The rows of several sequences, `_core.Block.forward_batch`'s contract: segments
+        (block, pos0, n) cover x's rows in order, each block this layer's block of one sequence.
+        Each segment runs as its own forward (its rows a view of x), so every row's result is
+        that of its sequence alone; the backends' matmuls are not shared across sequences here."""
+        row = 0
+        for block, pos0, n in segments:
+            block.forward(x[row : row + n], pos0, n_threads)
+            row += n
+        if row != x.shape[0]:
+            raise ValueError(f"the segments cover {row} rows, x has {x.shape[0]}")
+
     def _norm(self, x: Any, name: str) -> Any:
         """RMSNorm by weight `name`, or x itself where the architecture has none (olmo2)."""
         w = self.w.get(name)
@@ -314,12 +328,23 @@ class Model:
             x *= np.float32(self.config.embed_scale)
         return x
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """Final norm and head: hidden rows (m, dim) -> logits (m, n_vocab) float32 on the host."""
+    def logits(self, x: np.ndarray, rows_alone: bool = False) -> np.ndarray:
+        """Final norm and head: hidden rows (m, dim) -> logits (m, n_vocab) float32 on the host.
+
+        rows_alone: the rows belong to different sequences; each row's logits are then exactly
+        those of that row alone (one pass over the head where the backend can, else row by row).
+        """
         be, cfg = self.head_backend, self.config
         h = be.rms_norm(be.from_host(x), self.output_norm, cfg.norm_eps)
-        logits = be.to_host(be.matmul(self.head, h))
-        return _scale_logits(logits, cfg.logit_scale, cfg.final_softcap)
+        if not rows_alone or x.shape[0] == 1:
+            out = be.matmul(self.head, h)
+        elif hasattr(be, "matmul_rows_alone"):
+            out = be.matmul_rows_alone(self.head, h)
+        else:
+            out = be.from_host(
+                np.concatenate([be.to_host(be.matmul(self.head, h[i : i + 1])) for i in range(h.shape[0])])
+            )
+        return _scale_logits(be.to_host(out), cfg.logit_scale, cfg.final_softcap)
 
     def forward(self, tokens: Sequence[int], pos0: int = 0, first_logit: int = -1) -> np.ndarray:
         """Evaluate tokens at positions pos0.. and return logits of rows first_logit.. (n_out, n_vocab).
@@ -342,6 +367,40 @@ class Model:
             if lo < x.shape[0]:
                 out.append(self.logits(x[lo:]))
         return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def forward_batch(self, segments: Sequence[tuple[Model, Sequence[int], int]]) -> list[np.ndarray]:
+        """Evaluate the tokens of several sequences in one pass -> the logits after each one's
+        last token, (n_vocab,) float32 each.
+
+        segments: (model, tokens, pos0) per sequence, each model this one or a clone of it with
+        its own KV cache (engine.model_with_own_cache), each at most once. Every weight is read
+        once for all the rows, and each sequence's logits equal model.forward(tokens, pos0)[-1]
+        for that sequence alone, bit for bit (the C++ block cuts its work so that no row's
+        arithmetic depends on the others; PyBlock runs the sequences one after another).
+        """
+        if not segments:
+            raise ValueError("no sequences to evaluate")
+        for model, tokens, pos0 in segments:
+            if model.file is not self.file or len(model.blocks) != len(self.blocks):
+                raise ValueError("a sequence's model is not a clone of this model")
+            if not tokens:
+                raise ValueError("a sequence has no tokens to evaluate")
+            if pos0 < 0 or pos0 + len(tokens) > model.n_ctx:
+                raise ContextFullError(
+                    f"{len(tokens)} tokens at position {pos0} do not fit in the context of "
+                    f"{model.n_ctx} tokens"
+                )
+        x = self.embed([t for _, tokens, _ in segments for t in tokens])
+        backend = None
+        for layer, (block, be) in enumerate(zip(self.blocks, self.backends, strict=True)):
+            if be is not backend:  # crossing devices
+                x = be.from_host(backend.to_host(x) if backend is not None else x)
+                backend = be
+            rows = [(m.blocks[layer], pos0, len(tokens)) for m, tokens, pos0 in segments]
+            block.forward_batch(x, rows, self.n_threads or 0)
+        x = backend.to_host(x) if backend is not None else x
+        last = np.cumsum([len(tokens) for _, tokens, _ in segments]) - 1
+        return list(self.logits(np.ascontiguousarray(x[last]), rows_alone=True))
 
     def hidden(self, tokens: Sequence[int], pos0: int) -> np.ndarray:
         """Embed a chunk and run it through every block -> (n, dim) float32 on the host."""

@@ -100,6 +100,13 @@ class CpuBackend:
             w.raw, w.qtype, (w.rows, w.cols), x, self._kernel_backend, self.n_threads
         )
 
+    def matmul_rows_alone(self, w: Matrix, x: np.ndarray) -> np.ndarray:
+        """As matmul, each row computed as if it were the only one (rows of several sequences)."""
+        return self._kernels.matmul(
+            w.raw, w.qtype, (w.rows, w.cols), x, self._kernel_backend, self.n_threads,
+            rows_alone=True,
+        )
+
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         """Row-wise RMSNorm of x (m, k) times w (k,) -> new (m, k)."""
         out = np.empty_like(x)

@@ -265,6 +265,7 @@ def matmul(
     backend: str | None = None,
     n_threads: int | None = None,
     out: np.ndarray | None = None,
+    rows_alone: bool = False,
 ) -> np.ndarray:
     """x @ W.T for the GGML weight W of shape (rows, cols): (n, cols) -> (n, rows) float32.
 
@@ -272,6 +273,9 @@ def matmul(
     type's partner format (as llama.cpp's CPU backend does), so results match the float64
     product to ~1e-2 relative error for quantized weights. out: optional float32 C-contiguous
     buffer of the result's shape to write into (and return); it must not overlap x or raw.
+    rows_alone: every row of the result equals the product of that row alone, bit for bit
+    (llama.cpp's arithmetic for some types depends on the row count; the rows of different
+    sequences must not influence each other).
     """
     spec = resolve_qtype(qtype)
     dims = _dims(shape)
@@ -306,7 +310,14 @@ def matmul(
     if cols == 0:
         res.fill(0.0)
         return res
-    _backend(backend).matmul(w, spec.id, rows, cols, x2, res.reshape(n, rows), _threads(n_threads))
+    impl, threads, res2 = _backend(backend), _threads(n_threads), res.reshape(n, rows)
+    if not rows_alone or n == 1:
+        impl.matmul(w, spec.id, rows, cols, x2, res2, threads)
+    elif impl is _core:
+        impl.matmul(w, spec.id, rows, cols, x2, res2, threads, rows_alone=True)
+    else:
+        for i in range(n):
+            impl.matmul(w, spec.id, rows, cols, x2[i : i + 1], res2[i : i + 1], threads)
     return res
 
 
