@@ -9,16 +9,22 @@ the final norm and the output head stay on the CPU unless `head_on_gpu` asks oth
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from .config import ModelConfig
-from .errors import DeviceError
+from .errors import ConfigError, DeviceError
 
 GiB = 1 << 30
 DEFAULT_MARGIN = 1 * GiB
 DEFAULT_BATCH = 512  # prompt tokens per prefill chunk; sizes the activation scratch
+#: How the CUDA backend multiplies quantized weights by a prompt chunk: "mmq" (default: 8-bit
+#: activations and integer dots, as llama.cpp's CUDA MMQ and the CPU) or "cublas" (the weight
+#: dequantized to f16 into a scratch the size of the largest matrix, activations rounded to f16).
+CUDA_PREFILL_ENV = "HYBRIDLLM_CUDA_PREFILL"
+_BF16 = 30  # gguf's BF16: no kernel of its own for prompts, converted to f16 for cuBLAS
 Device = Literal["cpu", "gpu"]
 LayerRequest = int | Literal["auto", "all"]
 
@@ -32,7 +38,7 @@ class ModelSizes:
     output: int  # the head; equals token_embd when the embedding is tied
     output_norm: int
     # Elements of the largest matrix the CUDA backend dequantizes to f16 for a prefill GEMM
-    # (every type but F32 and F16: backends/cuda.py's scratch is sized for it at load), per
+    # (cuda_dequantizes: backends/cuda.py's scratch is sized for it at load), per
     # block and for the head; () / 0 when unknown (then no such scratch is counted).
     dequant_elements: tuple[int, ...] = ()
     output_dequant_elements: int = 0
@@ -53,9 +59,23 @@ class ModelSizes:
         )
 
 
+def cuda_prefill() -> str:
+    """The CUDA backend's prefill path for quantized weights, from $HYBRIDLLM_CUDA_PREFILL."""
+    value = os.environ.get(CUDA_PREFILL_ENV, "mmq")
+    if value not in ("mmq", "cublas"):
+        raise ConfigError(f"{CUDA_PREFILL_ENV}={value!r}: expected 'mmq' or 'cublas'")
+    return value
+
+
+def cuda_dequantizes(qtype: int, prefill: str) -> bool:
+    """Whether the CUDA backend's prefill matmuls dequantize a matrix of this type to f16:
+    BF16 always, the quantized types with prefill "cublas" (F32 and F16 are used as they are)."""
+    return qtype == _BF16 or (prefill == "cublas" and qtype not in (0, 1))
+
+
 def _dequant_elements(tensor: Any) -> int:
     """rows * cols of a matrix that a GPU prefill dequantizes to f16, else 0."""
-    if len(tensor.shape) != 2 or int(tensor.qtype) in (0, 1):  # F32, F16: used as they are
+    if len(tensor.shape) != 2 or not cuda_dequantizes(int(tensor.qtype), cuda_prefill()):
         return 0
     return int(tensor.shape[0]) * int(tensor.shape[1])
 
@@ -156,7 +176,7 @@ def gpu_scratch_bytes(
     per distinct rope base among its blocks: gemma3's local and global layers differ), the GELU
     table, the position table the kernels read their position from (an int32 per position),
     and the f16 copies of a chunk (the probabilities next to the f32 scores, and the
-    activations cuBLAS reads), and with the head the logits of every row of a chunk (scoring
+    activations cuBLAS reads, or their 8-bit blocks: 1.5 bytes an element), and with the head the logits of every row of a chunk (scoring
     asks for all of them).
     """
     blocks = list(gpu_blocks)
@@ -190,18 +210,22 @@ def plan(
     head_on_gpu: bool = False,
     no_gpu_reason: str = "no GPU",
     n_batch: int = DEFAULT_BATCH,
+    n_seq: int = 1,
 ) -> Plan:
     """Place blocks on the GPU (as many as fit, or as asked) and the rest on the CPU.
 
     free_device_bytes: free GPU memory, or None when there is no usable GPU (no_gpu_reason
     says why). usable = min(free - margin, gpu_mem): gpu_mem caps the plan so a small GPU can
-    be reproduced on a big one.
+    be reproduced on a big one. n_seq: KV caches of n_ctx tokens each block holds (one per
+    sequence served at once: the server's slots and the Runner's own).
     """
     n_layers = config.n_layers
     wanted = _wanted_layers(n_gpu_layers, n_layers)
     if n_ctx <= 0:
         raise ValueError(f"n_ctx must be positive, got {n_ctx}")
-    kv = kv_cache_bytes(config, n_ctx, kv_dtype_bytes)
+    if n_seq < 1:
+        raise ValueError(f"n_seq must be >= 1, got {n_seq}")
+    kv = kv_cache_bytes(config, n_ctx, kv_dtype_bytes) * n_seq
     notes: list[str] = []
 
     if free_device_bytes is None:

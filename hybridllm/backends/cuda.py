@@ -55,6 +55,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import DeviceError, UnsupportedTensorTypeError
+from ..placement import cuda_dequantizes, cuda_prefill
 from .cpu import Matrix, RopeSpec, _gelu_f16_table, rope_table
 
 KERNEL_SOURCE = Path(__file__).with_name("cuda_kernels.cu")
@@ -64,6 +65,8 @@ QUANT_KERNELS: dict[int, str] = {
     _T.Q4_0: "q4_0", _T.Q4_1: "q4_1", _T.Q5_0: "q5_0", _T.Q5_1: "q5_1", _T.Q8_0: "q8_0",
     _T.Q2_K: "q2_k", _T.Q3_K: "q3_k", _T.Q4_K: "q4_k", _T.Q5_K: "q5_k", _T.Q6_K: "q6_k",
 }  # fmt: skip
+#: K-quants keep the matrix-vector kernels for decode; every quantized type has mmq_<name>_{1,4}.
+K_QUANTS = frozenset({_T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K})
 #: Float types: decode through mv_<name>_{1,8}, prefill through cuBLAS.
 FLOAT_KERNELS: dict[int, str] = {_T.F32: "f32", _T.F16: "f16", _T.BF16: "bf16"}
 SUPPORTED_TYPES = frozenset(QUANT_KERNELS) | frozenset(FLOAT_KERNELS)
@@ -184,6 +187,7 @@ class CudaBackend:
         self._positions: Any = None  # int32 0..n-1 on the device: kernels read their pos0 here
         self._step_position: Any = None  # a decode graph's position scalar while it is captured
         self.graphs = os.environ.get(GRAPHS_ENV) == "1" if graphs is None else graphs
+        self.prefill = cuda_prefill()  # "mmq", or "cublas" for f16 weights + cuBLAS
         self._decode_graphs: dict[tuple[int, ...], DecodeGraph] = {}
 
     # --- memory -------------------------------------------------------------------------
@@ -201,7 +205,7 @@ class CudaBackend:
             raise ValueError(f"a {_T(qtype).name} matrix needs cols % 32 == 0, got {m.cols}")
         dev = self._alloc(raw.nbytes, f"a {_T(qtype).name} {m.rows}x{m.cols} matrix", lambda: cp.asarray(raw))
         self.weights_bytes += raw.nbytes
-        if qtype not in (_T.F32, _T.F16):  # dequantized to f16 for prefill GEMMs
+        if self._dequantizes(qtype):  # to f16 for prefill GEMMs
             self._reserve_w16(m.rows * m.cols)
         return Matrix(dev, qtype, m.rows, m.cols)
 
@@ -252,7 +256,12 @@ class CudaBackend:
         if k != w.cols:
             raise ValueError(f"matmul: x has {k} columns, the matrix {w.rows}x{w.cols}")
         out = cp.empty((n, w.rows), cp.float32)
-        if n <= MMVQ_MAX_ROWS:
+        if w.qtype in QUANT_KERNELS and not self._dequantizes(w.qtype):
+            if n <= MMVQ_MAX_ROWS and w.qtype in K_QUANTS:
+                self._matvec(w, x, out)
+            else:
+                self._mmq(w, x, out)
+        elif n <= MMVQ_MAX_ROWS:
             self._matvec(w, x, out)
         else:
             self._gemm(w, x, out)
@@ -380,6 +389,20 @@ class CudaBackend:
         for c0 in range(0, n, 8):
             nc = min(8, n - c0)
             fn(grid, block, (w.raw, row_bytes, _i32(w.rows), _i32(k // 32), _i32(nc), yq[c0:], yds[c0:], out[c0:]))
+
+    def _mmq(self, w: Matrix, x: Any, out: Any) -> None:
+        """Quantized weights against 8-bit activations, any n: tiles of 16 weight rows x 1
+        activation row (n = 1) or 4 x 4; the 32-block types in the CPU's float order."""
+        n, k = x.shape
+        yq, yds = self._quantized(x)  # (n, k) int8, (n, k/32, 4) f32
+        cols = 1 if n == 1 else 4
+        grid = (_blocks(w.rows, 16 // cols), _blocks(n, cols))
+        args = (w.raw, _i64(w.raw.shape[1]), _i32(w.rows), _i32(k // 32), _i32(n), yq, yds, out)
+        self._fn(f"mmq_{QUANT_KERNELS[w.qtype]}_{cols}")(grid, (128,), args)
+
+    def _dequantizes(self, qtype: int) -> bool:
+        """Whether prefill matmuls of this type dequantize the weight to f16 for cuBLAS."""
+        return cuda_dequantizes(qtype, self.prefill)
 
     def _quantized(self, x: Any) -> tuple[Any, Any]:
         """x (n, k) -> 8-bit blocks: yq (n, k) int8, yds (n, k/32, 4) float32 (d, sum_lo, sum_hi, 0)."""

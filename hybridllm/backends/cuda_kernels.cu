@@ -517,6 +517,110 @@ __device__ void mv_float(const u8* __restrict__ W, i64 row_bytes, int rows, int 
 }
 
 // ---------------------------------------------------------------------------------------------
+// quantized matmul in the CPU's arithmetic: out (n, rows) = x (n, k) @ W.T, any n
+// ---------------------------------------------------------------------------------------------
+// SmolLM2-class models carry a one-ulp difference in a matmul into a different argmax within a
+// few layers, so for the 32-element block types this kernel reproduces the CPU's (and llama.cpp
+// CPU's) float order exactly; only the integer dots, which are exact, are done differently:
+//   LANES (Q4_1 Q5_0 Q5_1 Q8_0): 8 float lanes, lane l holding the integer dot of elements
+//     4l..4l+3 of each block: acc[l] = fma(dw * dx, float(dot_l), acc[l]) block after block,
+//     then hsum_float_8 ((l + l+4), then (0+2, 1+3), then 0+1), plus summs = fma(m, s, summs)
+//     per block for the types with a min (s: q8_1's fp16 d * sum).
+//   CHAIN (Q4_0, the repacked q4_0 kernels' order): acc = fma(float(dot of the block), dw * dx, acc).
+// Q4_0 and Q5_0's offsets (-8, -16) enter the integer dot: dp4a of the unsigned codes, then
+// dp4a of the offset bytes with x (exact ints, as the CPU's signed codes).
+// Thread block 128 = 16 groups of 8 lanes; group g owns output (row, col) of a tile of 16/C
+// weight rows x C activation rows, lane l owns float lane l. Every lane of a warp runs the same
+// blocks (the shuffles need all 32), groups outside the matrix compute row/col 0 and store nothing.
+template <int T> struct Lanes32;
+template <> struct Lanes32<T_Q4_0> { static constexpr int bytes = 18, qs = 2, qh = 0, offset = 8; static constexpr bool min = false, chain = true; };
+template <> struct Lanes32<T_Q4_1> { static constexpr int bytes = 20, qs = 4, qh = 0, offset = 0; static constexpr bool min = true, chain = false; };
+template <> struct Lanes32<T_Q5_0> { static constexpr int bytes = 22, qs = 6, qh = 2, offset = 16; static constexpr bool min = false, chain = false; };
+template <> struct Lanes32<T_Q5_1> { static constexpr int bytes = 24, qs = 8, qh = 4, offset = 0; static constexpr bool min = true, chain = false; };
+template <> struct Lanes32<T_Q8_0> { static constexpr int bytes = 34, qs = 2, qh = 0, offset = 0; static constexpr bool min = false, chain = false; };
+
+// Codes of elements 4l..4l+3 of a block, packed as dp4a wants them (unsigned nibbles or 5-bit
+// values, Q8_0's int8): the same integers as unpack<T>'s q[l].
+template <int T> HD int lane_codes(const u8* b, int l) {
+    if (T == T_Q8_0) return (int)ld32(b + 2 + 4 * l);
+    const u32 v = ld32(b + Lanes32<T>::qs + 4 * (l & 3));
+    u32 q = l < 4 ? v & 0x0f0f0f0fu : (v >> 4) & 0x0f0f0f0fu;
+    if (Lanes32<T>::qh) q |= spread4_bit4(ld32(b + Lanes32<T>::qh) >> (4 * l));
+    return (int)q;
+}
+
+// Sum over the 8 lanes of a group in hsum_float_8's order (commutative adds: every lane of the
+// group ends with lane 0's value).
+__device__ __forceinline__ float group8_hsum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 4);
+    v += __shfl_xor_sync(0xffffffffu, v, 2);
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v;
+}
+__device__ __forceinline__ int group8_isum(int v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 4);
+    v += __shfl_xor_sync(0xffffffffu, v, 2);
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v;
+}
+
+template <int T, int C>
+__device__ void mmq32(const u8* __restrict__ W, i64 row_bytes, int rows, int nb, int n,
+                      const int* __restrict__ yq, const float4* __restrict__ yds, float* __restrict__ out) {
+    using L = Lanes32<T>;
+    const int g = threadIdx.x >> 3, l = threadIdx.x & 7;
+    const int row = blockIdx.x * (16 / C) + g / C, col = blockIdx.y * C + g % C;
+    const bool valid = row < rows && col < n;
+    const u8* wrow = W + (i64)(valid ? row : 0) * row_bytes;
+    const i64 x0 = (i64)(valid ? col : 0) * nb;  // the activation row's first block
+    constexpr int offset_bytes = (int)(((0x100u - L::offset) & 0xffu) * 0x01010101u);  // -offset in each byte
+    float acc = 0.0f, summs = 0.0f;
+    for (int b = 0; b < nb; ++b) {
+        const u8* blk = wrow + (i64)b * L::bytes;
+        const int a = yq[(x0 + b) * 8 + l];
+        int dot = dp4a(lane_codes<T>(blk, l), a, 0);
+        if (L::offset) dot = dp4a(offset_bytes, a, dot);
+        const float4 ds = yds[x0 + b];
+        const float dd = mul_rn(h2f(ld16(blk)), ds.x);
+        if (L::chain) {
+            acc = fma_rn((float)group8_isum(dot), dd, acc);
+        } else {
+            acc = fma_rn(dd, (float)dot, acc);
+        }
+        if (L::min) summs = fma_rn(h2f(ld16(blk + 2)), ds.w, summs);
+    }
+    if (!L::chain) acc = group8_hsum(acc);
+    if (L::min) acc = acc + summs;
+    if (valid && l == 0) out[(i64)col * rows + row] = acc;
+}
+
+// K-quants with more activation rows than the matrix-vector kernels take: the same tile, the
+// 8-bit activation blocks of 32 and sub_dot of the decode kernels (the CPU's q8_K differs, as
+// in decode), lane l of a group taking sub-blocks l, l+8, ... of the row.
+template <int T, int C>
+__device__ void mmq_k(const u8* __restrict__ W, i64 row_bytes, int rows, int nsub, int n,
+                      const int* __restrict__ yq, const float4* __restrict__ yds, float* __restrict__ out) {
+    constexpr int spb = Traits<T>::qk / 32;
+    const int g = threadIdx.x >> 3, l = threadIdx.x & 7;
+    const int row = blockIdx.x * (16 / C) + g / C, col = blockIdx.y * C + g % C;
+    const bool valid = row < rows && col < n;
+    const u8* wrow = W + (i64)(valid ? row : 0) * row_bytes;
+    const i64 x0 = (i64)(valid ? col : 0) * nsub;
+    float acc = 0.0f;
+    for (int s = l; s < nsub; s += 8) {
+        Sub u;
+        unpack<T>(wrow + (i64)(s / spb) * Traits<T>::bytes, s % spb, u);
+        const int4* yp = (const int4*)(yq + (x0 + s) * 8);
+        const int4 p = yp[0], q = yp[1];
+        const int y[8] = {p.x, p.y, p.z, p.w, q.x, q.y, q.z, q.w};
+        const float4 ds = yds[x0 + s];
+        acc += sub_dot(u, y, ds.x, ds.y, ds.z);
+    }
+    acc = group8_hsum(acc);
+    if (valid && l == 0) out[(i64)col * rows + row] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------
 // prefill: W raw -> f16 (rows, cols) for cuBLAS; one thread per 32-element sub-block
 // ---------------------------------------------------------------------------------------------
 template <int T>
@@ -556,6 +660,25 @@ __device__ void dequant_f16(const u8* __restrict__ W, i64 row_bytes, int nsub, i
         float* out) { mmvq<T, 8>(W, rb, rows, nsub, ncols, yq, yds, out); }                        \
     extern "C" __global__ void __launch_bounds__(256) dequant_##NAME(                              \
         const u8* W, i64 rb, int nsub, i64 total, u16* out) { dequant_f16<T>(W, rb, nsub, total, out); }
+
+#define MMQ_KERNELS(NAME, T, IMPL)                                                                 \
+    extern "C" __global__ void __launch_bounds__(128) mmq_##NAME##_1(                              \
+        const u8* W, i64 rb, int rows, int nsub, int n, const int* yq, const float4* yds,          \
+        float* out) { IMPL<T, 1>(W, rb, rows, nsub, n, yq, yds, out); }                            \
+    extern "C" __global__ void __launch_bounds__(128) mmq_##NAME##_4(                              \
+        const u8* W, i64 rb, int rows, int nsub, int n, const int* yq, const float4* yds,          \
+        float* out) { IMPL<T, 4>(W, rb, rows, nsub, n, yq, yds, out); }
+
+MMQ_KERNELS(q4_0, T_Q4_0, mmq32)
+MMQ_KERNELS(q4_1, T_Q4_1, mmq32)
+MMQ_KERNELS(q5_0, T_Q5_0, mmq32)
+MMQ_KERNELS(q5_1, T_Q5_1, mmq32)
+MMQ_KERNELS(q8_0, T_Q8_0, mmq32)
+MMQ_KERNELS(q2_k, T_Q2_K, mmq_k)
+MMQ_KERNELS(q3_k, T_Q3_K, mmq_k)
+MMQ_KERNELS(q4_k, T_Q4_K, mmq_k)
+MMQ_KERNELS(q5_k, T_Q5_K, mmq_k)
+MMQ_KERNELS(q6_k, T_Q6_K, mmq_k)
 
 QUANT_KERNELS(q4_0, T_Q4_0)
 QUANT_KERNELS(q4_1, T_Q4_1)
