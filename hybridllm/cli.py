@@ -347,8 +347,9 @@ def sampling_from_args(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
-def open_runner(model: str, args: argparse.Namespace, n_ctx: int | None = None):  # noqa: ANN201
-    """Load a Runner with the CLI's placement options, showing a progress bar while loading."""
+def open_runner(model: str, args: argparse.Namespace, n_ctx: int | None = None, n_seq: int = 1):  # noqa: ANN201
+    """Load a Runner with the CLI's placement options, showing a progress bar while loading;
+    n_seq: sequences served at once, each with its own KV caches (the plan counts them all)."""
     from .placement import parse_size
     from .runner import Runner
 
@@ -367,7 +368,7 @@ def open_runner(model: str, args: argparse.Namespace, n_ctx: int | None = None):
             model, n_ctx=args.ctx if n_ctx is None else n_ctx, n_threads=args.threads,
             n_gpu_layers=args.n_gpu_layers, seed=getattr(args, "seed", None), verbose=False,
             gpu_mem=gpu_mem, gpu_margin=margin, head_on_gpu=args.head_on_gpu,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            progress=lambda done, total: bar.update(task, completed=done, total=total), n_seq=n_seq,
         )  # fmt: skip
     if args.verbose:
         print(runner.describe(), file=sys.stderr)
@@ -477,7 +478,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = Path(catalog.resolve_model(model))  # a missing model is a usage error before binding
     options = ServerOptions(model_id=path.stem, n_parallel=args.parallel,
                             max_queue=args.max_queue, api_key=args.api_key)  # fmt: skip
-    return serve(ServerState(lambda: open_runner(str(path), args), options), args.host, args.port)
+    # the engine's slots each hold a KV cache beside the Runner's own: the plan counts them all
+    load = lambda: open_runner(str(path), args, n_seq=args.parallel + 1)  # noqa: E731
+    return serve(ServerState(load, options), args.host, args.port)
 
 
 # --- entry point -----------------------------------------------------------------------------

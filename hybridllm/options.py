@@ -105,6 +105,7 @@ OPTIONS: dict[str, Option] = {
         Option("repetitions", "--repetitions", int, 1, 1000),
         Option("n_keep", "--keep", int, 0, MAX_CTX, specials={-1: "the whole prompt"}),
         Option("n_parallel", "--parallel", int, 1, MAX_SLOTS),
+        Option("n_seq", "--parallel", int, 1, MAX_SLOTS + 1),
         Option("max_queue", "--max-queue", int, 0, MAX_QUEUE),
         Option("port", "--port", int, 1, 65535),
         Option("top_logprobs", "--top-logprobs", int, 0, MAX_TOP_LOGPROBS),

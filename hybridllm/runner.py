@@ -63,10 +63,13 @@ class Runner:
         gpu_margin: int | str = DEFAULT_MARGIN,
         head_on_gpu: bool = False,
         progress: Callable[[int, int], None] | None = None,
+        n_seq: int = 1,
     ) -> None:
         """gpu_mem caps the GPU bytes the plan may use (e.g. "4GiB"); gpu_margin is kept free
         (default 1 GiB); head_on_gpu moves the output head and final norm to the GPU when every
-        block is there; progress(done, total) is called as the blocks load."""
+        block is there; progress(done, total) is called as the blocks load; n_seq is the number
+        of KV caches the plan reserves per block (an Engine over this model with N slots holds
+        N + 1: the server passes that)."""
         t0 = time.perf_counter()
         n_ctx, n_threads = check("n_ctx", n_ctx), check_optional("n_threads", n_threads)
         placement = _Placement(
@@ -74,6 +77,7 @@ class Runner:
             head_on_gpu,
         )
         seed = _seed(seed)
+        self.n_seq = check("n_seq", n_seq)
         self.path = _resolve(model)
         self.model_file = ModelFile(self.path)
         self.config = self.model_file.config
@@ -109,7 +113,7 @@ class Runner:
             result = plan(
                 self.config, sizes, self.n_ctx, gpu.free_bytes, n_gpu_layers=request,
                 margin=placement.margin, gpu_mem=placement.gpu_mem,
-                head_on_gpu=placement.head_on_gpu, no_gpu_reason=gpu.reason,
+                head_on_gpu=placement.head_on_gpu, no_gpu_reason=gpu.reason, n_seq=self.n_seq,
             )  # fmt: skip
             try:
                 return self._build(result, gpu, progress), result, gpu.name or gpu.reason

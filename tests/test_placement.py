@@ -66,6 +66,20 @@ def test_half_and_all(gemma) -> None:  # noqa: ANN001
     assert (everything.token_embd, everything.output, everything.output_norm) == ("cpu", "cpu", "cpu")
 
 
+def test_every_served_sequence_has_its_kv_cache(gemma) -> None:  # noqa: ANN001
+    """A server with 4 slots holds 5 KV caches per block (its slots' and the Runner's own):
+    memory that fits 9 blocks of one sequence fits fewer of five, each block's KV counted 5 times."""
+    config, sizes = gemma
+    free = _gpu_need(config, sizes, 9, 4096) + 1000
+    one, five = plan(config, sizes, 4096, free, margin=0), plan(config, sizes, 4096, free, margin=0, n_seq=5)
+    assert len(one.gpu_blocks) == 9 and len(five.gpu_blocks) < 9
+    assert five.blocks[0].kv_bytes == 5 * kv_cache_bytes(config, 4096)
+    gpu = five.devices["gpu"]
+    assert gpu.kv_bytes == len(five.gpu_blocks) * 5 * kv_cache_bytes(config, 4096) and gpu.total_bytes <= free
+    with pytest.raises(ValueError, match="n_seq must be >= 1"):
+        plan(config, sizes, 4096, free, n_seq=0)
+
+
 def test_gpu_mem_caps_the_plan(gemma) -> None:  # noqa: ANN001
     config, sizes = gemma
     cap = _gpu_need(config, sizes, 4, 4096)
