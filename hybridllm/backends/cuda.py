@@ -56,7 +56,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import DeviceError, UnsupportedTensorTypeError
 from ..placement import cuda_dequantizes, cuda_prefill
-from .cpu import Matrix, RopeSpec, _gelu_f16_table, rope_table
+from .cpu import SIMD_LANES, Matrix, RopeSpec, _gelu_f16_table, rope_table
 
 KERNEL_SOURCE = Path(__file__).with_name("cuda_kernels.cu")
 _T = GGMLQuantizationType
@@ -75,8 +75,6 @@ SUPPORTED_TYPES = frozenset(QUANT_KERNELS) | frozenset(FLOAT_KERNELS)
 #: above, dequantize + cuBLAS. Reading a 4-bit weight 4 times costs about what writing and
 #: re-reading its f16 copy does.
 MMVQ_MAX_ROWS = 32
-#: Up to this many query rows attention uses the one-block-per-(head, query) kernel.
-ATTN_KERNEL_ROWS = 16
 _MV_ROWS_PER_BLOCK = 4  # warps (= weight rows) per block of the matrix-vector kernels
 
 # cuBLAS / CUDA enum values (cublas_api.h, library_types.h)
@@ -321,10 +319,7 @@ class CudaBackend:
         dv = v_cache.shape[1] // n_kv
         if n_heads % n_kv or dv > 256 or dk % 2:
             raise ValueError(f"attention: {n_heads} heads over {n_kv} KV heads, dk={dk} (even), dv={dv} (<= 256)")
-        if n <= ATTN_KERNEL_ROWS:
-            out = self._attention_rows(q, k_cache, v_cache, pos0, window, scale, softcap, n_kv, dv)
-        else:
-            out = self._attention_gemm(q, k_cache, v_cache, pos0, window, scale, softcap, n_kv, dv)
+        out = self._attention_ggml(q, k_cache, v_cache, pos0, window, scale, softcap, n_kv, dv)
         return out.reshape(n, n_heads * dv)
 
     @_device_errors
@@ -478,58 +473,27 @@ class CudaBackend:
                 batch, _COMPUTE_32F, _GEMM_DEFAULT,
             )  # fmt: skip
 
-    # --- attention paths ----------------------------------------------------------------
-    def _attention_rows(
+    # --- attention ----------------------------------------------------------------------
+    def _attention_ggml(
         self, q: Any, kc: Any, vc: Any, pos0: int, window: int, scale: float, softcap: float, n_kv: int, dv: int
     ) -> Any:
-        """A few query rows, one block per (head, row). The scores scratch has room for every key
-        a query at any position may see (the cache, or the window), not only pos0's: the same
-        launch, replayed by a decode graph at later positions, needs no other buffer."""
+        """One block per (head, query row), in the CPU's float order (SIMD_LANES lanes; one
+        accumulator per lane for several rows, four for one, as llama.cpp's CPU). The scores
+        scratch has room for every key a query at any position may see (the cache, or the
+        window), not only pos0's: the same launch, replayed by a decode graph at later
+        positions, needs no other buffer."""
         n, n_heads, dk = q.shape
         n_keys = kc.shape[0] if window <= 0 else min(kc.shape[0], window)  # most keys a query sees
         scores = cp.empty((n, n_heads, n_keys), cp.float32)
         out = cp.empty((n, n_heads, dv), cp.float32)
-        threads = 128
-        shared = 4 * (dk + (threads // 32) * dv + 64)  # q, per-warp P.V, 32 doubles
+        shared = 4 * (80 + dk)  # reduction scratch, one chunk sum per lane group, q
         args = (
             q, kc, vc, scores, out, _i32(n_heads), _i32(n_kv), _i32(dk), _i32(dv),
             self._position(pos0), _i32(window), np.float32(scale), _i32(n_keys), np.float32(softcap),
+            _i32(SIMD_LANES), _i32(n > 1),
         )  # fmt: skip
-        self._fn("attn_rows")((n_heads, n), (threads,), args, shared_mem=shared)
+        self._fn("attn_ggml")((n_heads, n), (128,), args, shared_mem=shared)
         return out
-
-    def _attention_gemm(
-        self, q: Any, kc: Any, vc: Any, pos0: int, window: int, scale: float, softcap: float, n_kv: int, dv: int
-    ) -> Any:
-        """A prompt chunk: per KV head g, S = Q_g K_g^T (f32), P = softmax_f16(mask(S)), O = P V_g.
-
-        Q_g stacks the `group` heads sharing KV head g: q16 (n_heads, n, dk) f16, rows hh*n+t.
-        The scale is cuBLAS's alpha, or with a soft-cap applied after the cap by the softmax kernel.
-        """
-        n, n_heads, dk = q.shape
-        group = n_heads // n_kv
-        start = max(0, pos0 - window + 1) if window > 0 else 0
-        nk = pos0 + n - start  # keys start..pos0+n-1
-        rows = group * n
-        q16 = q.transpose(1, 0, 2).astype(cp.float16, order="C")  # (n_heads, n, dk)
-        kstride, vstride = kc.shape[1], vc.shape[1]
-        scores = cp.empty((n_kv, rows, nk), cp.float32)
-        # column-major: S_g^T (nk, rows) = K_g (nk x dk, stored dk-major: op T) . Q_g^T
-        alpha = 1.0 if softcap > 0 else scale  # the cap needs the raw scores
-        self._gemm_ex(
-            _OP_T, _OP_N, nk, rows, dk, alpha, kc, kstride, q16, dk, scores, nk,
-            stride=(dk, rows * dk, rows * nk), batch=n_kv, a_offset=start * kstride,
-        )  # fmt: skip
-        probs = cp.empty((n_kv, rows, nk), cp.float16)
-        args = (scores, probs, _i32(n), _i32(nk), _i32(pos0), _i32(start), _i32(window), np.float32(scale), np.float32(softcap))
-        self._fn("softmax_mask_f16")((n_kv * rows,), (256,), args)
-        o = cp.empty((n_kv, rows, dv), cp.float32)  # = (n_heads, n, dv)
-        # column-major: O_g^T (dv, rows) = V_g^T (dv x nk, ld vstride) . P_g^T (nk x rows)
-        self._gemm_ex(
-            _OP_N, _OP_N, dv, rows, nk, 1.0, vc, vstride, probs, nk, o, dv,
-            stride=(dv, rows * nk, rows * dv), batch=n_kv, a_offset=start * vstride,
-        )  # fmt: skip
-        return cp.ascontiguousarray(o.reshape(n_heads, n, dv).transpose(1, 0, 2))
 
     # --- helpers ------------------------------------------------------------------------
     def _fn(self, name: str) -> Any:

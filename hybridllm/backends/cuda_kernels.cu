@@ -809,16 +809,50 @@ glu(const float* __restrict__ gate, const float* __restrict__ up, float* __restr
 }
 
 // ---------------------------------------------------------------------------------------------
-// attention for a few query rows (decode): one block per (head, query row).
-// q (n, n_heads, dk) f32; caches (n_ctx, n_kv*d) f16; scores (n, n_heads, n_keys_max) f32
-// scratch; out (n, n_heads, dv). pos0 = *pos is read on the device (a CUDA graph replays the
-// launch at every position; n_keys_max then covers the whole cache or window).
-// Query t at position p = pos0+t sees keys start..p with
-// start = imax(0, p - window + 1) under a sliding window. Numerics as the CPU backend
-// (llama.cpp's non-flash path): q rounded to f16, scores in f32, softmax, probabilities
-// rounded to f16 before P.V. dv <= 256, dk even. Dynamic shared memory: (dk + nwarps*dv + 64)
-// floats. softcap > 0 (gemma2): a raw score s becomes (tanhf(s * (1/softcap)) * softcap) * scale.
+// attention in the CPU's arithmetic: llama.cpp's non-flash path as backends/cpu.py reproduces it
 // ---------------------------------------------------------------------------------------------
+// One block (128 threads) per (head, query row). q (n, n_heads, dk) f32; caches (n_ctx, n_kv*d)
+// f16; scores (n, n_heads, n_keys_max) f32 scratch; out (n, n_heads, dv). pos0 = *pos is read on
+// the device (a CUDA graph replays the launch at every position; n_keys_max then covers the
+// whole cache or window). Query t at position p = pos0+t sees the keys lo..p, lo = max(0,
+// p - window + 1) under a sliding window. softcap > 0 (gemma2): a raw score s becomes
+// (tanhf(s * (1/softcap)) * softcap) * scale (the CPU's tanhf may differ from CUDA's).
+//
+// The CPU sums in the float order of ggml's L-lane SIMD (L = lanes: 16 for AVX-512, 8 for AVX2),
+// and SmolLM2-class models carry a one-ulp difference into a different argmax, so this kernel
+// keeps that order, with L consecutive threads standing for the L lanes of a vector register:
+// - Q.K: q rounded to f16; lane i sums dims i, i+L, ... With several query rows (batched,
+//   llamafile's tinyBLAS) and L | dk: one accumulator, folded by halving. Otherwise
+//   (ggml_vec_dot_f16): four accumulators fed round-robin over steps of L dims, folded
+//   (0+2)+(1+3), then halving (L = 16) or AVX2's ((0+4)+(1+5))+((2+6)+(3+7)); the dims past
+//   the last 4L are scalar products added in double.
+// - softmax (ggml_soft_max): exp is ggml_v_expf of the CPU's ISA; the sum takes L-lane chunks of
+//   positions (aligned on position 0, lanes outside lo..p zero), each folded by halving, and adds
+//   the chunks in order in double; probabilities are exp * float(1/sum), rounded to f16.
+// - P.V: lane i sums the keys at positions = i mod L, in order, into one accumulator (batched)
+//   or four (round-robin over steps of L positions), folded as Q.K.
+// Dynamic shared memory: (80 + dk) floats.
+
+// ggml_v_expf's AVX2 variant (backends/cpu.py's _v_expf with avx2): the 1 stays out of the
+// polynomial and fma(j, 2^n, 2^n) rounds once; 126 < |n| <= 192 rescales in two steps.
+HD float ggml_v_expf_avx2(float x) {
+    const float shift = 12582912.0f;
+    const float z = fma_rn(x, 0x1.715476p+0f, shift);
+    const float n = z - shift;
+    const float b = fma_rn(-n, 0x1.7f7d1cp-20f, fma_rn(-n, 0x1.62e4p-1f, x));
+    const float u = mul_rn(b, b);
+    const float j = fma_rn(fma_rn(fma_rn(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
+                                  fma_rn(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
+                           u, mul_rn(0x1.ffffecp-1f, b));
+    if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : pow2i(128);
+    if (fabsf(n) <= 126.0f) {
+        const float k = pow2i((int)n);
+        return fma_rn(j, k, k);
+    }
+    const float s1 = n <= 0.0f ? pow2i(-125) : pow2i(127);
+    const float s2 = n <= 0.0f ? pow2i((int)n + 125) : pow2i((int)n - 127);
+    return mul_rn(fma_rn(s2, j, s2), s1);
+}
 
 // A raw Q.K score as softmax sees it: llama.cpp's graph order, one rounding per op (no FMA
 // contraction): with a soft-cap, s * (1/cap) -> tanhf -> * cap -> * scale; else s * scale.
@@ -827,111 +861,121 @@ HD float capped_score(float s, float scale, float softcap) {
     return mul_rn(mul_rn(tanhf(mul_rn(s, 1.0f / softcap)), softcap), scale);
 }
 
+// Fold of a value held by each of the L consecutive threads of a group (L = 8 or 16): halving
+// (lane i + lane i + L/2, ...), or with avx2_order AVX2's hadd pattern for 8 lanes. Every
+// thread of the warp must call it; lane 0 of the group gets the result.
+__device__ __forceinline__ float lanes_fold(float v, int L, bool avx2_order) {
+    if (avx2_order) {  // a = 0+4, c = 1+5, d = 2+6, e = 3+7; (a + c) + (d + e)
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        return v + __shfl_xor_sync(0xffffffffu, v, 2);
+    }
+    for (int w = L >> 1; w > 0; w >>= 1) v += __shfl_xor_sync(0xffffffffu, v, w);
+    return v;
+}
+
+// Four round-robin accumulators folded as ggml_vec_dot_f16 / GGML_F32_VEC_REDUCE.
+__device__ __forceinline__ float vec_fold(float a0, float a1, float a2, float a3, int L) {
+    return lanes_fold((a0 + a2) + (a1 + a3), L, L == 8);
+}
+
+// Accumulator `a` (0..3) of four kept in registers (no local-memory array): acc[a] = fma(x, y, acc[a]).
+__device__ __forceinline__ void fma_into(int a, float x, float y, float& a0, float& a1, float& a2, float& a3) {
+    if (a == 0) a0 = fma_rn(x, y, a0);
+    else if (a == 1) a1 = fma_rn(x, y, a1);
+    else if (a == 2) a2 = fma_rn(x, y, a2);
+    else a3 = fma_rn(x, y, a3);
+}
+
 extern "C" __global__ void __launch_bounds__(128)
-attn_rows(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
+attn_ggml(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
           float* __restrict__ scores, float* __restrict__ out, int n_heads, int n_kv, int dk, int dv,
-          const int* __restrict__ pos, int window, float scale, int n_keys_max, float softcap) {
+          const int* __restrict__ pos, int window, float scale, int n_keys_max, float softcap,
+          int lanes, int batched) {
     extern __shared__ float sh[];
     const int h = blockIdx.x, t = blockIdx.y;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+    const int tid = threadIdx.x, L = lanes, lane = tid % L, group = tid / L, n_groups = blockDim.x / L;
     const int g = h / (n_heads / n_kv);
     const int p = *pos + t;
-    const int start = window > 0 ? imax(0, p - window + 1) : 0;
-    const int nk = p + 1 - start;
-    float* qs = sh;             // dk
-    float* part = sh + dk;      // nw * dv
-    float* red = part + nw * dv;  // 64 (32 doubles; 8-byte aligned: dk, nw*dv are even)
+    const int lo = window > 0 ? imax(0, p - window + 1) : 0;
+    const int nk = p + 1 - lo;
+    float* red = sh;           // 64 floats (32 doubles), offset 0: 8-byte aligned
+    float* parts = sh + 64;    // one chunk sum per group (<= 16)
+    float* qs = sh + 80;       // dk
     const i64 kstride = (i64)n_kv * dk, vstride = (i64)n_kv * dv;
     const i64 th = (i64)t * n_heads + h;
+    const u16* kbase = kc + (i64)lo * kstride + (i64)g * dk;
+    const u16* vbase = vc + (i64)lo * vstride + (i64)g * dv;
+    float* s = scores + th * n_keys_max;
 
     for (int d = tid; d < dk; d += blockDim.x) qs[d] = round_f16(q[th * dk + d]);
     __syncthreads();
 
-    // 1. scores: a warp per key, lanes across dk (coalesced f16 reads of the key row)
-    float* s = scores + th * n_keys_max;
-    const u16* kbase = kc + (i64)start * kstride + (i64)g * dk;
-    for (int j = warp; j < nk; j += nw) {
-        const u16* kr = kbase + (i64)j * kstride;
-        float acc = 0.0f;
-        for (int d = lane; d < dk; d += 32) acc += qs[d] * h2f(kr[d]);
-        acc = warp_sum(acc);
-        if (lane == 0) s[j] = acc;
-    }
-    __syncthreads();
-
-    // 2. softmax over the nk visible keys, probabilities rounded to f16. The scale (and cap) is
-    // applied here rather than in the warp loop above: tanhf there spilled registers on sm_90.
-    float m = neg_inf();
-    for (int j = tid; j < nk; j += blockDim.x) {
-        s[j] = capped_score(s[j], scale, softcap);
-        m = fmaxf(m, s[j]);
-    }
-    m = block_max(m, red);
-    double sum = 0.0;  // in double, as ggml_soft_max
-    for (int j = tid; j < nk; j += blockDim.x) {
-        const float e = expf(s[j] - m);
-        s[j] = e;
-        sum += e;
-    }
-    sum = block_sum_d(sum, (double*)red);
-    const float inv = (float)(1.0 / sum);
-    for (int j = tid; j < nk; j += blockDim.x) s[j] = round_f16(s[j] * inv);
-    __syncthreads();
-
-    // 3. P.V: warps split the keys, lanes across dv (<= 8 values each), then sum the warps
-    float acc[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-    const u16* vbase = vc + (i64)start * vstride + (i64)g * dv;
-    for (int j = warp; j < nk; j += nw) {
-        const float pj = s[j];
-        if (pj == 0.0f) continue;
-        const u16* vr = vbase + (i64)j * vstride;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int d = lane + 32 * i;
-            if (d < dv) acc[i] += pj * h2f(vr[d]);
+    // 1. scores: a group of L threads per key (all groups run the same rounds: shuffles)
+    const bool one_acc = batched && dk % L == 0;  // tinyBLAS
+    const int body = one_acc ? dk : dk - dk % (4 * L);
+    for (int j0 = 0; j0 < nk; j0 += n_groups) {
+        const int j = j0 + group;
+        const u16* kr = kbase + (i64)imin(j, nk - 1) * kstride;
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, v;
+        if (one_acc) {
+            for (int c = 0; c < dk; c += L) a0 = fma_rn(qs[c + lane], h2f(kr[c + lane]), a0);
+            v = lanes_fold(a0, L, false);
+        } else {
+            for (int c = 0; c < body; c += 4 * L) {
+                a0 = fma_rn(qs[c + lane], h2f(kr[c + lane]), a0);
+                a1 = fma_rn(qs[c + L + lane], h2f(kr[c + L + lane]), a1);
+                a2 = fma_rn(qs[c + 2 * L + lane], h2f(kr[c + 2 * L + lane]), a2);
+                a3 = fma_rn(qs[c + 3 * L + lane], h2f(kr[c + 3 * L + lane]), a3);
+            }
+            v = vec_fold(a0, a1, a2, a3, L);
+        }
+        if (lane == 0 && j < nk) {
+            double total = (double)v;
+            for (int d = body; d < dk; ++d) total += (double)mul_rn(qs[d], h2f(kr[d]));
+            s[j] = capped_score((float)total, scale, softcap);
         }
     }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const int d = lane + 32 * i;
-        if (d < dv) part[warp * dv + d] = acc[i];
+    __syncthreads();
+
+    // 2. softmax
+    float m = neg_inf();
+    for (int j = tid; j < nk; j += blockDim.x) m = fmaxf(m, s[j]);
+    m = block_max(m, red);
+    for (int j = tid; j < nk; j += blockDim.x) {
+        const float x = s[j] - m;
+        s[j] = L == 8 ? ggml_v_expf_avx2(x) : ggml_v_expf(x);
     }
     __syncthreads();
-    for (int d = tid; d < dv; d += blockDim.x) {
-        float o = 0.0f;
-        for (int w = 0; w < nw; ++w) o += part[w * dv + d];
-        out[th * dv + d] = o;
+    const int first = lo - lo % L;  // chunk c holds positions first + c*L .. + L-1
+    const int n_chunks = (p + 1 - first + L - 1) / L;
+    double sum = 0.0;  // thread 0's: the chunks in order
+    for (int c0 = 0; c0 < n_chunks; c0 += n_groups) {
+        const int j = first + (c0 + group) * L + lane - lo;  // key index of this lane's position
+        const float x = (j >= 0 && j < nk) ? s[j] : 0.0f;
+        const float chunk = lanes_fold(x, L, false);
+        if (lane == 0) parts[group] = chunk;
+        __syncthreads();
+        if (tid == 0)
+            for (int c = c0; c < imin(n_chunks, c0 + n_groups); ++c) sum += (double)parts[c - c0];
+        __syncthreads();
     }
-}
+    if (tid == 0) red[0] = (float)(1.0 / sum);
+    __syncthreads();
+    const float inv = red[0];
+    for (int j = tid; j < nk; j += blockDim.x) s[j] = round_f16(mul_rn(s[j], inv));
+    __syncthreads();
 
-// Prefill attention, middle step: S (rows, nk) f32 scores from cuBLAS -> P (rows, nk) f16
-// probabilities, masked (causal + window) and normalized. Row r = (g*group + hh)*n + t is query
-// t of head g*group+hh; key j is cache row start+j. One block per row. softcap > 0 (gemma2): S
-// holds raw scores, capped and scaled here first (in place); else cuBLAS applied the scale.
-extern "C" __global__ void __launch_bounds__(256)
-softmax_mask_f16(float* __restrict__ S, u16* __restrict__ P, int n, int nk, int pos0, int start, int window,
-                 float scale, float softcap) {
-    __shared__ double red[32];
-    const i64 r = blockIdx.x;
-    const int p = pos0 + (int)(r % n);
-    float* srow = S + r * nk;
-    u16* prow = P + r * nk;
-    // visible keys j: start + j <= p and (no window or p - (start + j) < window)
-    const int hi = imin(nk, p - start + 1);  // j < hi
-    const int lo = window > 0 ? imax(0, p - window + 1 - start) : 0;  // j >= lo
-    if (softcap > 0.0f) {
-        for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) srow[j] = capped_score(srow[j], scale, softcap);
+    // 3. P.V: a group of L threads per output value, lane i over the positions = i mod L
+    const int j_first = ((lane - lo) % L + L) % L;  // first key whose position is = lane mod L
+    for (int d0 = 0; d0 < dv; d0 += n_groups) {
+        const int d = imin(d0 + group, dv - 1);
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        for (int j = j_first; j < nk; j += L) {
+            const int a = batched ? 0 : ((lo + j) % (4 * L)) / L;
+            fma_into(a, h2f(vbase[(i64)j * vstride + d]), s[j], a0, a1, a2, a3);
+        }
+        const float v = batched ? lanes_fold(a0, L, false) : vec_fold(a0, a1, a2, a3, L);
+        if (lane == 0 && d0 + group < dv) out[th * dv + d] = v;
     }
-    __syncthreads();  // the last loop reads entries other threads capped
-    float m = neg_inf();
-    for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) m = fmaxf(m, srow[j]);
-    m = block_max(m, (float*)red);
-    double sum = 0.0;  // in double, as ggml_soft_max
-    for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) sum += expf(srow[j] - m);
-    sum = block_sum_d(sum, red);
-    const float inv = (float)(1.0 / sum);
-    for (int j = threadIdx.x; j < nk; j += blockDim.x)
-        prow[j] = (j >= lo && j < hi) ? f2h(expf(srow[j] - m) * inv) : (u16)0;
 }
