@@ -29,6 +29,13 @@ PROMPTS = (
     "The quick brown fox jumps over the lazy dog. In the beginning",
     "Water boils at 100 degrees Celsius, and freezes at",
     "1, 2, 3, 4, 5, 6,",
+    "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm windowsill. "
+    "Meanwhile, in the kitchen, a kettle begins to whistle softly and the bread is ready.",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide "
+    "to make glucose and oxygen. It takes place mostly in the leaves, where",
+    "import numpy as np\n\ndef mean(values):\n    total = 0\n    for v in values:",
+    "Dear team, thank you all for your hard work this quarter. Our sales grew by",
+    "Q: What is the largest planet in the solar system?\nA:",
 )
 
 

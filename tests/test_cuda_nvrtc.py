@@ -61,8 +61,9 @@ ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
 import re, inspect
 src = inspect.getsource(cuda)
 wanted = set(re.findall(r'_fn\("(\w+)"\)', src))
-wanted |= {f"{k}_{t}_{s}" for k, d in (("mmvq", cuda.QUANT_KERNELS), ("mv", cuda.FLOAT_KERNELS))
-           for t in d.values() for s in ("1", "8")}
+wanted |= {f"mmvq_{cuda.QUANT_KERNELS[t]}_{s}" for t in cuda.K_QUANTS for s in ("1", "8")}
+wanted |= {f"mv_{t}_{s}" for t in cuda.FLOAT_KERNELS.values() for s in ("1", "8")}
+wanted |= {f"mmq_{t}_{s}" for t in cuda.QUANT_KERNELS.values() for s in ("1", "4")}
 wanted |= {f"dequant_{t}" for t in cuda.QUANT_KERNELS.values()}
 missing = sorted(n for n in wanted if f".entry {n}(" not in ptx)
 print("OPTIONS", options)

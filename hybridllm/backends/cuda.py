@@ -7,15 +7,18 @@ kv_cache, from_host, to_host, matmul, rms_norm, rope, store_kv, attention, glu, 
 Where the bytes go:
 - A weight matrix is copied to the GPU once, as its raw GGUF blocks (rows, row_bytes) uint8:
   no dequantized copy lives on the device; the memory budget is the file's size.
-- Decode (n <= MMVQ_MAX_ROWS activation rows): the activations are quantized to 8-bit blocks
-  of 32 (one kernel, reused by every matmul of the same input) and each weight type has an
-  integer dot-product kernel (__dp4a), one warp per weight row, as llama.cpp's mmvq.
-- Prefill: the weight is dequantized to f16 into one scratch buffer (sized at load time for
-  the largest matrix, so running out of memory shows up at load, not mid-prompt) and cuBLAS
-  does x16 @ W16.T with f32 accumulation and f32 output (values stay out of f16 overflow).
-- Attention reads the f16 KV cache: one block per (head, query) for a few queries; for a
-  prompt chunk, two batched cuBLAS GEMMs per KV head group around a masked-softmax kernel.
-  gemma2's attention-logit soft-cap is applied in both before the softmax, in llama.cpp's order.
+- Quantized matmuls: the activations are quantized to 8-bit blocks of 32 once per matmul
+  input (one kernel, reused by every matmul of the same input, as llama.cpp's q8_1) and the
+  weight's blocks are dotted with them in integers (__dp4a). The 32-element block types (Q4_0,
+  Q4_1, Q5_0, Q5_1, Q8_0) go through mmq_<type>, tiles of weight rows x activation rows at any
+  width (llama.cpp's MMQ scheme), in the CPU's float order. K-quants use one warp per weight
+  row up to MMVQ_MAX_ROWS activation rows (llama.cpp's mmvq), mmq_<type> above.
+- Float weights (and quantized ones with HYBRIDLLM_CUDA_PREFILL=cublas) for more than
+  MMVQ_MAX_ROWS rows: cuBLAS x16 @ W16.T with f32 accumulation and output, BF16 (or the
+  quantized weight) dequantized to f16 into one scratch buffer sized at load time for the
+  largest such matrix, so running out of memory shows up at load, not mid-prompt.
+- Attention reads the f16 KV cache, one block per (head, query row), for decode and prompts
+  alike; gemma2's attention-logit soft-cap is applied before the softmax, in llama.cpp's order.
 - What the architectures add besides (rope frequency factors, linear and YaRN scaling,
   LongRoPE, Q/K/V biases, residual and Q scales, full-width Q/K norms) needs no kernel of its
   own: the rope table is the CPU's, a bias is a broadcast add, a scale an element-wise product,
@@ -27,15 +30,16 @@ Where the bytes go:
   HYBRIDLLM_CUDA_GRAPHS=1): a decode step is then one graph launch instead of ~15 kernel
   launches from Python per block.
 
-Numerics follow the CPU backend (llama.cpp's) where it is cheap to: f16 KV cache, Q rounded
-to f16 before Q.K, softmax summed in double and its probabilities rounded to f16 before P.V,
-GELU through ggml's f16 table, SiLU through ggml's vectorised expf (bit for bit), RMSNorm's
-squares summed in double, rope from the CPU's own cos/sin table (uploaded once per RopeSpec)
-with ggml's FMA rounding, so rope and GELU/SiLU are bit-identical to the CPU. Decode matmuls of
-the 32-block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) quantize their activations as the CPU does
-(q8_0/q8_1 rounding) and differ from it only in summation order (~3e-7 relative); K-quants
-share those blocks of 32 where the CPU uses q8_K's one scale per 256, and prefill rounds the
-activations to f16 for cuBLAS, so those agree to about 1e-3 relative, not bit for bit.
+Numerics are the CPU backend's (llama.cpp CPU's), because models like SmolLM2 carry a one-ulp
+difference into a different argmax within a few layers: f16 KV cache, GELU through ggml's f16
+table, SiLU through ggml's vectorised expf, RMSNorm's squares summed in double, rope from the
+CPU's own cos/sin table with ggml's FMA rounding, the 32-block matmuls' activations rounded as
+q8_0/q8_1 and summed in the CPU kernels' lane order, and attention in ggml's order for the
+CPU's SIMD width (Q rounded to f16, L-lane dot products, softmax chunks summed in double,
+probabilities rounded to f16). All of these are bit for bit the CPU's on the emulator; on a GPU
+only CUDA's tanhf (gemma2's soft-cap) and expf (SiLU tails) may differ. K-quants share the
+8-bit blocks of 32 where the CPU uses q8_K's one scale per 256, and float weights go through
+cuBLAS with f16 activations for prompts, so those agree to about 1e-3 relative.
 
 Importing this module needs CuPy; `backends.gpu_probe` says whether a GPU can be used.
 """
@@ -254,8 +258,10 @@ class CudaBackend:
         if k != w.cols:
             raise ValueError(f"matmul: x has {k} columns, the matrix {w.rows}x{w.cols}")
         out = cp.empty((n, w.rows), cp.float32)
-        if w.qtype in QUANT_KERNELS and not self._dequantizes(w.qtype):
-            if n <= MMVQ_MAX_ROWS and w.qtype in K_QUANTS:
+        if w.qtype in QUANT_KERNELS:
+            if n > MMVQ_MAX_ROWS and self._dequantizes(w.qtype):
+                self._gemm(w, x, out)
+            elif n <= MMVQ_MAX_ROWS and w.qtype in K_QUANTS:
                 self._matvec(w, x, out)
             else:
                 self._mmq(w, x, out)
@@ -425,7 +431,7 @@ class CudaBackend:
             x16 = x.astype(cp.float16)  # as ggml's cuBLAS path: activations to f16
             self._x_cache = (x, "f16", x16)
         w16 = self._weight_f16(w)
-        self._gemm_ex(_OP_T, _OP_N, w.rows, n, k, 1.0, w16, k, x16, k, out, w.rows)
+        self._gemm_ex(w.rows, n, k, w16, x16, out)
 
     def _weight_f16(self, w: Matrix) -> Any:
         """The matrix as f16 (rows, cols): a view for F16, else dequantized into the scratch."""
@@ -443,35 +449,18 @@ class CudaBackend:
         self._fn(f"dequant_{QUANT_KERNELS[w.qtype]}")((_blocks(total, 256),), (256,), args)
         return w16
 
-    def _gemm_ex(
-        self, ta: int, tb: int, m: int, n: int, k: int, alpha: float,
-        a: Any, lda: int, b: Any, ldb: int, c: Any, ldc: int,
-        stride: tuple[int, int, int] | None = None, batch: int = 1,
-        a_offset: int = 0,
-    ) -> None:  # fmt: skip
-        """Column-major cuBLAS GEMM, f16 A and B, f32 C and accumulation: C = alpha op(A) op(B).
-
-        a_offset: elements (f16) from a's start; stride: (A, B, C) element strides of a batch.
-        """
+    def _gemm_ex(self, m: int, n: int, k: int, a: Any, b: Any, c: Any) -> None:
+        """Column-major cuBLAS GEMM C (m, n) = A^T B with A (k, m) and B (k, n) f16, C and the
+        accumulation f32: for row-major x (n, k) and W (m, k), C is x @ W.T (n, m)."""
         cublas = self._cublas
         handle = cp.cuda.device.get_cublas_handle()
         cublas.setStream(handle, cp.cuda.get_current_stream().ptr)  # a capturing stream, too
         cublas.setPointerMode(handle, _POINTER_MODE_HOST)
-        alpha_host = np.array([alpha], np.float32)
-        a_ptr = a.data.ptr + 2 * a_offset
-        if stride is None:
-            cublas.gemmEx(
-                handle, ta, tb, m, n, k, alpha_host.ctypes.data,
-                a_ptr, _CUDA_R_16F, lda, b.data.ptr, _CUDA_R_16F, ldb,
-                self._zero.ctypes.data, c.data.ptr, _CUDA_R_32F, ldc, _COMPUTE_32F, _GEMM_DEFAULT,
-            )  # fmt: skip
-        else:
-            cublas.gemmStridedBatchedEx(
-                handle, ta, tb, m, n, k, alpha_host.ctypes.data,
-                a_ptr, _CUDA_R_16F, lda, stride[0], b.data.ptr, _CUDA_R_16F, ldb, stride[1],
-                self._zero.ctypes.data, c.data.ptr, _CUDA_R_32F, ldc, stride[2],
-                batch, _COMPUTE_32F, _GEMM_DEFAULT,
-            )  # fmt: skip
+        cublas.gemmEx(
+            handle, _OP_T, _OP_N, m, n, k, self._one.ctypes.data,
+            a.data.ptr, _CUDA_R_16F, k, b.data.ptr, _CUDA_R_16F, k,
+            self._zero.ctypes.data, c.data.ptr, _CUDA_R_32F, m, _COMPUTE_32F, _GEMM_DEFAULT,
+        )  # fmt: skip
 
     # --- attention ----------------------------------------------------------------------
     def _attention_ggml(

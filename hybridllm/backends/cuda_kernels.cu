@@ -7,10 +7,11 @@
 // - The per-block decoding of every GGML type (`unpack<T>`), the sub-block dot product and the
 //   per-lane part of the matrix-vector kernel are __host__ __device__, so a host test compiled
 //   with nvcc (tests/test_cuda_backend.py) checks them against gguf.quants without a GPU.
-// - Weights stay as raw GGUF blocks in device memory. Decode (a few activation rows) quantizes
-//   the activations to 8-bit blocks of 32 once per matmul and does integer dot products with
-//   __dp4a, one warp per weight row (llama.cpp's mmvq scheme). Prefill dequantizes the weight
-//   to f16 into a scratch buffer and lets cuBLAS do the GEMM (f16 in, f32 accumulate/out).
+// - Weights stay as raw GGUF blocks in device memory. Matmuls quantize the activations to 8-bit
+//   blocks of 32 once per input and do integer dot products with __dp4a: tiles of weight rows x
+//   activation rows (llama.cpp's MMQ scheme; the 32-element block types in the CPU's float
+//   order), and for the K-quants' decode one warp per weight row (llama.cpp's mmvq). Float
+//   weights' prompts (and quantized ones on request) are dequantized to f16 for cuBLAS.
 //
 // The one trick that keeps every type in one kernel: a 32-element sub-block of any type is
 // unpacked into `Sub` = 32 small integers q (packed 4 per int, as dp4a wants them) plus, for
@@ -651,15 +652,18 @@ __device__ void dequant_f16(const u8* __restrict__ W, i64 row_bytes, int nsub, i
 // ---------------------------------------------------------------------------------------------
 // the extern "C" entry points (instantiating every template, so `nvcc -c` checks them all)
 // ---------------------------------------------------------------------------------------------
-#define QUANT_KERNELS(NAME, T)                                                                     \
+#define DEQUANT_KERNEL(NAME, T)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) dequant_##NAME(                              \
+        const u8* W, i64 rb, int nsub, i64 total, u16* out) { dequant_f16<T>(W, rb, nsub, total, out); }
+
+// K-quants' decode (the 32-element block types decode through mmq_<type>_1/_4)
+#define MMVQ_KERNELS(NAME, T)                                                                      \
     extern "C" __global__ void __launch_bounds__(128) mmvq_##NAME##_1(                             \
         const u8* W, i64 rb, int rows, int nsub, int ncols, const int* yq, const float4* yds,      \
         float* out) { mmvq<T, 1>(W, rb, rows, nsub, ncols, yq, yds, out); }                        \
     extern "C" __global__ void __launch_bounds__(128) mmvq_##NAME##_8(                             \
         const u8* W, i64 rb, int rows, int nsub, int ncols, const int* yq, const float4* yds,      \
-        float* out) { mmvq<T, 8>(W, rb, rows, nsub, ncols, yq, yds, out); }                        \
-    extern "C" __global__ void __launch_bounds__(256) dequant_##NAME(                              \
-        const u8* W, i64 rb, int nsub, i64 total, u16* out) { dequant_f16<T>(W, rb, nsub, total, out); }
+        float* out) { mmvq<T, 8>(W, rb, rows, nsub, ncols, yq, yds, out); }
 
 #define MMQ_KERNELS(NAME, T, IMPL)                                                                 \
     extern "C" __global__ void __launch_bounds__(128) mmq_##NAME##_1(                              \
@@ -680,16 +684,22 @@ MMQ_KERNELS(q4_k, T_Q4_K, mmq_k)
 MMQ_KERNELS(q5_k, T_Q5_K, mmq_k)
 MMQ_KERNELS(q6_k, T_Q6_K, mmq_k)
 
-QUANT_KERNELS(q4_0, T_Q4_0)
-QUANT_KERNELS(q4_1, T_Q4_1)
-QUANT_KERNELS(q5_0, T_Q5_0)
-QUANT_KERNELS(q5_1, T_Q5_1)
-QUANT_KERNELS(q8_0, T_Q8_0)
-QUANT_KERNELS(q2_k, T_Q2_K)
-QUANT_KERNELS(q3_k, T_Q3_K)
-QUANT_KERNELS(q4_k, T_Q4_K)
-QUANT_KERNELS(q5_k, T_Q5_K)
-QUANT_KERNELS(q6_k, T_Q6_K)
+DEQUANT_KERNEL(q4_0, T_Q4_0)
+DEQUANT_KERNEL(q4_1, T_Q4_1)
+DEQUANT_KERNEL(q5_0, T_Q5_0)
+DEQUANT_KERNEL(q5_1, T_Q5_1)
+DEQUANT_KERNEL(q8_0, T_Q8_0)
+DEQUANT_KERNEL(q2_k, T_Q2_K)
+DEQUANT_KERNEL(q3_k, T_Q3_K)
+DEQUANT_KERNEL(q4_k, T_Q4_K)
+DEQUANT_KERNEL(q5_k, T_Q5_K)
+DEQUANT_KERNEL(q6_k, T_Q6_K)
+
+MMVQ_KERNELS(q2_k, T_Q2_K)
+MMVQ_KERNELS(q3_k, T_Q3_K)
+MMVQ_KERNELS(q4_k, T_Q4_K)
+MMVQ_KERNELS(q5_k, T_Q5_K)
+MMVQ_KERNELS(q6_k, T_Q6_K)
 
 #define FLOAT_KERNELS(NAME, T)                                                                     \
     extern "C" __global__ void __launch_bounds__(128) mv_##NAME##_1(                               \
