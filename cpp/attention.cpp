@@ -423,6 +423,18 @@ void Attention::cap(float* s, int64_t n) const {
     }
 }
 
+int64_t Attention::row_items() const { return batched_ || split_ ? 0 : s_.KV * parts_; }
+
+void Attention::run_row_item(int64_t i, const float* q, const uint16_t* kc, const uint16_t* vc, float* o) {
+#if defined(HL_HAVE_SIMD_ATTENTION)
+    if (simd_) {
+        row_item_simd<Simd>(i, q, kc, vc, o);
+        return;
+    }
+#endif
+    item_portable(i, q, kc, vc, o);
+}
+
 void Attention::run(const float* q, const uint16_t* kc, const uint16_t* vc, float* o) {
 #if defined(HL_HAVE_SIMD_ATTENTION)
     if (simd_) {
@@ -436,14 +448,18 @@ void Attention::run(const float* q, const uint16_t* kc, const uint16_t* vc, floa
 // ---- runs ----------------------------------------------------------------------------------
 
 void Attention::run_portable(const float* q, const uint16_t* kc, const uint16_t* vc, float* o) {
+    const int64_t n_items = batched_ ? s_.H * n_qb_ : s_.KV * parts_;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_items; ++i) item_portable(i, q, kc, vc, o);
+}
+
+void Attention::item_portable(int64_t i, const float* q, const uint16_t* kc, const uint16_t* vc, float* o) {
     const int64_t H = s_.H, dk = s_.dk, dv = s_.dv, kvk = s_.KV * dk, kvv = s_.KV * dv;
     constexpr int L = float_lanes();
-    const int64_t n_items = batched_ ? H * n_qb_ : s_.KV * parts_;
     float* ts = scratch_[omp_get_thread_num()]->get(0);
     float* acc = ts + s_len_;
     float* row = acc + 4 * L * dv;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n_items; ++i) {
+    {
         int64_t h0, h1, t0, t1;
         if (batched_) {
             h0 = i % H, h1 = h0 + 1;
@@ -466,6 +482,24 @@ void Attention::run_portable(const float* q, const uint16_t* kc, const uint16_t*
 }
 
 #if defined(HL_HAVE_SIMD_ATTENTION)
+// One-row step, unsplit: (group, part of its heads) item i; each part reads the group's rows once.
+template <class S>
+void Attention::row_item_simd(int64_t i, const float* q, const uint16_t* kc, const uint16_t* vc, float* o) {
+    constexpr int L = S::L;
+    const int64_t dk = s_.dk, dv = s_.dv, kvk = s_.KV * dk, kvv = s_.KV * dv, group = group_, ls = s_len_;
+    const int64_t p = pos0_, lo = s_.window > 0 ? std::max(kstart_, p - s_.window + 1) : kstart_;
+    const int64_t base = lo - lo % L;
+    float* ts = scratch_[omp_get_thread_num()]->get(0);
+    const int64_t g = i / parts_, h0 = g * group + (i % parts_) * hpp_;
+    const int nh = static_cast<int>(std::min(g * group + group, h0 + hpp_) - h0);
+    scores_vec<S>(q + h0 * dk, nh, kc + g * dk, kvk, lo, p, dk, kscale_, ts + (lo - base), ls);
+    for (int j = 0; j < nh; ++j) {
+        if (s_.softcap > 0) cap(ts + j * ls + (lo - base), p + 1 - lo);
+        softmax<S>(ts + j * ls, base, lo, p);
+    }
+    pv_vec<S>(ts, nh, ls, base, vc + g * dv, kvv, lo, p, 0, dv, dv, ts + nh * ls, o + h0 * dv);
+}
+
 template <class S>
 void Attention::run_simd(const float* q, const uint16_t* kc, const uint16_t* vc, float* o) {
     constexpr int L = S::L;
@@ -525,18 +559,8 @@ void Attention::run_simd(const float* q, const uint16_t* kc, const uint16_t* vc,
 
     const int64_t p = pos0_, lo = first_key(p), base = lo - lo % L;
     if (!split_) {
-        // (group, part of its heads) items: each part reads the group's rows once
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < KV * parts_; ++i) {
-            const int64_t g = i / parts_, h0 = g * group + (i % parts_) * hpp_;
-            const int nh = static_cast<int>(std::min(g * group + group, h0 + hpp_) - h0);
-            scores_vec<S>(q + h0 * dk, nh, kc + g * dk, kvk, lo, p, dk, kscale_, ts + (lo - base), ls);
-            for (int j = 0; j < nh; ++j) {
-                if (s_.softcap > 0) cap(ts + j * ls + (lo - base), p + 1 - lo);
-                softmax<S>(ts + j * ls, base, lo, p);
-            }
-            pv_vec<S>(ts, nh, ls, base, vc + g * dv, kvv, lo, p, 0, dv, dv, ts + nh * ls, o + h0 * dv);
-        }
+        for (int64_t i = 0; i < KV * parts_; ++i) row_item_simd<S>(i, q, kc, vc, o);
         return;
     }
     // long context: scores by position block (whole cache rows, each group's part prefetched

@@ -67,11 +67,20 @@ class Attention {
     void run(const float* q, const uint16_t* kc, const uint16_t* vc, float* o);
     // The soft-cap and then the scale, on one row's raw scores s[0..n) (kernels wrote them unscaled).
     void cap(float* s, int64_t n) const;
+    // A one-row step that is not split (a decode step at a short context) is row_items()
+    // independent items (0 for other steps); run_row_item(i, ...) does item i in the calling
+    // thread, as run() would. A batched forward runs the items of several sequences' steps in
+    // one work-shared loop instead of one run() (and its barriers) per sequence.
+    int64_t row_items() const;
+    void run_row_item(int64_t i, const float* q, const uint16_t* kc, const uint16_t* vc, float* o);
 
    private:
     template <class S>
     void run_simd(const float* q, const uint16_t* kc, const uint16_t* vc, float* o);
+    template <class S>
+    void row_item_simd(int64_t i, const float* q, const uint16_t* kc, const uint16_t* vc, float* o);
     void run_portable(const float* q, const uint16_t* kc, const uint16_t* vc, float* o);
+    void item_portable(int64_t i, const float* q, const uint16_t* kc, const uint16_t* vc, float* o);
 
     AttnShape s_;
     int64_t n_ = 0, pos0_ = 0, kstart_ = 0, T_ = 0, group_ = 1;

@@ -420,6 +420,7 @@ struct Workspace {
     std::vector<Panel> panels;
     std::vector<int32_t> row_panel, row_seg;  // [n]: each row's panel and segment
     std::vector<std::unique_ptr<Attention>> attn;  // one per segment
+    std::vector<std::pair<int32_t, int32_t>> attn_items;  // (segment, item) of one-row steps
     std::vector<MatItem> qkv_items, o_items, gu_items, d_items;
     std::vector<std::unique_ptr<ThreadScratch>> threads;
 };
@@ -785,8 +786,14 @@ void Block::run(float* x, const std::vector<Segment>& segs, int nt) {
 
     // Attention: each segment over its own cache, planned as for that sequence alone.
     while (ws.attn.size() < segs.size()) ws.attn.push_back(std::make_unique<Attention>());
-    for (size_t si = 0; si < segs.size(); ++si)
+    ws.attn_items.clear();
+    for (size_t si = 0; si < segs.size(); ++si) {
         ws.attn[si]->plan(AttnShape{H, KV, dk, dv, window_, scale_, softcap_}, segs[si].n, segs[si].pos0, nt, simd);
+        for (int64_t i = 0; i < ws.attn[si]->row_items(); ++i)
+            ws.attn_items.emplace_back(static_cast<int32_t>(si), static_cast<int32_t>(i));
+    }
+    const auto* attn_items = ws.attn_items.data();
+    const int64_t n_attn_items = static_cast<int64_t>(ws.attn_items.size());
 
     while (static_cast<int>(ws.threads.size()) < nt) ws.threads.push_back(std::make_unique<ThreadScratch>());
     for (int t = 0; t < nt; ++t) {
@@ -918,10 +925,20 @@ void Block::run(float* x, const std::vector<Segment>& segs, int nt) {
             run_mat(*j.m, acts[j.acts], j.out, qkv_it[i]);
             post_heads(j, qkv_it[i]);
         }
-        // 3-4. o = softmax(q16 . K^T * scale + causal/window mask) . V (attention.cpp), for each
-        //      segment over its own cache
+        // 3-4. o = softmax(q16 . K^T * scale + causal/window mask) . V (attention.cpp), each
+        //      segment over its own cache: prompt chunks and long-context steps one after
+        //      another, the decode steps' items all in one loop
         for (size_t si = 0; si < segs.size(); ++si)
-            ws.attn[si]->run(q + segs[si].row0 * H * dk, segs[si].kc, segs[si].vc, o + segs[si].row0 * H * dv);
+            if (ws.attn[si]->row_items() == 0)
+                ws.attn[si]->run(q + segs[si].row0 * H * dk, segs[si].kc, segs[si].vc, o + segs[si].row0 * H * dv);
+        if (n_attn_items > 0) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < n_attn_items; ++i) {
+                const Segment& sg = segs[attn_items[i].first];
+                ws.attn[attn_items[i].first]->run_row_item(attn_items[i].second, q + sg.row0 * H * dk, sg.kc, sg.vc,
+                                                           o + sg.row0 * H * dv);
+            }
+        }
         // 5-6. att = o @ Wo.T
         if (decode) {
             for (int64_t r = 0; r < n; ++r) acts[A_O].quantize_row(r);
