@@ -2,6 +2,11 @@
 
     python bench/serve_load.py --model smollm2-135m --parallel 16          # starts hybridllm serve
     python bench/serve_load.py --url http://127.0.0.1:8080 --label llama-server
+    python bench/serve_load.py --model smollm2-135m --threads 2 --llama-server PATH/llama-server
+
+With --llama-server, that binary is started too, on the same model file with the same threads
+and slots (-np; -c is its total context, so --ctx times the slots), and the two servers take
+turns: each concurrency runs on ours, then on llama-server, before the next one.
 
 For each concurrency (default 1, 4, 16) every client sends --requests streamed completions of
 exactly --tokens tokens (ignore_eos, which llama-server accepts too), each with a prompt of its
@@ -96,16 +101,34 @@ async def run_round(
     }
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     command = [sys.executable, "-m", "hybridllm.cli", "serve", args.model, "--port", str(port),
                "-np", str(args.parallel), "-c", str(args.ctx)]  # fmt: skip
     if args.threads:
         command += ["-t", str(args.threads)]
-    proc = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
+    return wait_ready(subprocess.Popen(command), f"http://127.0.0.1:{port}")
+
+
+def start_llama_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    from hybridllm import catalog
+
+    port = free_port()
+    command = [args.llama_server, "-m", catalog.resolve_model(args.model), "--host", "127.0.0.1",
+               "--port", str(port), "-np", str(args.parallel), "-c", str(args.ctx * args.parallel)]  # fmt: skip
+    if args.threads:
+        command += ["-t", str(args.threads)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return wait_ready(proc, f"http://127.0.0.1:{port}")
+
+
+def wait_ready(proc: subprocess.Popen, url: str) -> tuple[subprocess.Popen, str]:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -140,32 +163,41 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=128, help="tokens per request (default 128)")
     p.add_argument("--timeout", type=float, default=600, help="seconds a request may take")
     p.add_argument("--json", action="store_true", help="print one JSON object per round")
+    p.add_argument(
+        "--llama-server", default=None, help="also start this llama-server binary (needs --model)"
+    )
     args = p.parse_args()
-    proc = None
-    url = args.url
-    if args.model:
-        proc, url = start_server(args)
-    if not url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
-        raise SystemExit("--url: loopback addresses only")
-    label = args.label or ("hybridllm" if args.model else url)
+    if args.llama_server and not args.model:
+        raise SystemExit("--llama-server needs --model")
+    procs, servers = [], []
     try:
-        # one request first, not measured: first-call costs (page faults, lazy compiles) are not load
-        asyncio.run(run_round(url, 1, 1, 8, args.timeout))
+        if args.model:
+            proc, url = start_server(args)
+            procs.append(proc)
+            servers.append((args.label or "hybridllm", url))
+            if args.llama_server:
+                proc, url = start_llama_server(args)
+                procs.append(proc)
+                servers.append(("llama-server", url))
+        else:
+            servers.append((args.label or args.url, args.url))
+        for _, url in servers:
+            if not url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
+                raise SystemExit("--url: loopback addresses only")
+            # one request first, not measured: first-call costs (page faults, lazy compiles)
+            asyncio.run(run_round(url, 1, 1, 8, args.timeout))
         rows = []
         for n in (int(c) for c in args.clients.split(",")):
-            row = {
-                "server": label,
-                **asyncio.run(run_round(url, n, args.requests, args.tokens, args.timeout)),
-            }
-            rows.append(row)
-            print(
-                json.dumps(row) if args.json else "  ".join(f"{k}={v}" for k, v in row.items()),
-                flush=True,
-            )
+            for label, url in servers:
+                round_ = asyncio.run(run_round(url, n, args.requests, args.tokens, args.timeout))
+                row = {"server": label, **round_}
+                rows.append(row)
+                text = json.dumps(row) if args.json else "  ".join(f"{k}={v}" for k, v in row.items())
+                print(text, flush=True)
         lost = [r for r in rows if r["completed"] != r["requests"] or r["duplicated ids"]]
         return 1 if lost else 0
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
             proc.wait(timeout=30)
 
