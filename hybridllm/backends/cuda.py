@@ -75,9 +75,9 @@ K_QUANTS = frozenset({_T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K})
 FLOAT_KERNELS: dict[int, str] = {_T.F32: "f32", _T.F16: "f16", _T.BF16: "bf16"}
 SUPPORTED_TYPES = frozenset(QUANT_KERNELS) | frozenset(FLOAT_KERNELS)
 
-#: Up to this many activation rows a matmul uses the matrix-vector kernels (8 rows per launch);
-#: above, dequantize + cuBLAS. Reading a 4-bit weight 4 times costs about what writing and
-#: re-reading its f16 copy does.
+#: Up to this many activation rows the K-quant and float matmuls use the matrix-vector kernels
+#: (8 rows per launch); above, the K-quants' mmq tiles and cuBLAS for float weights. Reading a
+#: 4-bit weight 4 times costs about what writing and re-reading its f16 copy does.
 MMVQ_MAX_ROWS = 32
 _MV_ROWS_PER_BLOCK = 4  # warps (= weight rows) per block of the matrix-vector kernels
 
@@ -374,7 +374,8 @@ class CudaBackend:
 
     # --- matmul paths -------------------------------------------------------------------
     def _matvec(self, w: Matrix, x: Any, out: Any) -> None:
-        """Matrix-vector kernels, 8 activation rows per launch (1 when there is only one)."""
+        """Matrix-vector kernels of the K-quants and float types, 8 activation rows per launch
+        (1 when there is only one)."""
         n, k = x.shape
         grid, block = (_blocks(w.rows, _MV_ROWS_PER_BLOCK),), (32, _MV_ROWS_PER_BLOCK)
         row_bytes = _i64(w.raw.shape[1])

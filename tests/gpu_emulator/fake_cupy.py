@@ -4,10 +4,10 @@ Device arrays are host memory owned by a pretend device: they refuse implicit co
 numpy (as CuPy's do: `.get()` is the only way out), allocate through a pool whose limit can be
 set (out of memory raises `cuda.memory.OutOfMemoryError`), and are 256-byte aligned like
 cudaMalloc's. `RawModule(...).get_function(name)` launches the real kernel source through the
-SIMT emulator (build.py); pointer arguments must be live device arrays. cuBLAS `gemmEx` /
-`gemmStridedBatchedEx` read their operands from raw device pointers with their leading
-dimensions and strides, after checking every operand's byte range lies inside one live
-allocation, and compute in float64 from the f16 inputs (then round to f32).
+SIMT emulator (build.py); pointer arguments must be live device arrays. cuBLAS `gemmEx` reads
+its operands from raw device pointers with their leading dimensions, after checking every
+operand's byte range lies inside one live allocation, and computes in float64 from the f16
+inputs (then rounds to f32).
 
 Device work (launches, cuBLAS calls, element-wise operators, copies) is submitted to a stream:
 the current one (`with stream:`), a launch's `stream=`, cuBLAS's `setStream`. Off capture it
@@ -733,25 +733,6 @@ def gemmEx(handle: int, ta: int, tb: int, m: int, n: int, k: int, alpha: int, a:
     _handle_stream(handle).submit(_Work("cublas gemmEx", run, [a, b, c]))
 
 
-def gemmStridedBatchedEx(handle: int, ta: int, tb: int, m: int, n: int, k: int, alpha: int,  # noqa: N802
-                         a: int, at: int, lda: int, sa: int, b: int, bt: int, ldb: int, sb: int,
-                         beta: int, c: int, ct: int, ldc: int, sc: int, batch: int,
-                         compute: int, algo: int) -> None:  # fmt: skip
-    _check_types(at, bt, ct, compute)
-    al, be = _host_f32(alpha), _host_f32(beta)
-    ea, eb, ec = _DT[at].itemsize, _DT[bt].itemsize, _DT[ct].itemsize
-    runs = [
-        _gemm_one(ta, tb, m, n, k, al, a + i * sa * ea, at, lda, b + i * sb * eb, bt, ldb, be, c + i * sc * ec, ct, ldc)
-        for i in range(batch)
-    ]  # fmt: skip
-
-    def run() -> None:
-        for one in runs:
-            one()
-
-    _handle_stream(handle).submit(_Work("cublas gemmStridedBatchedEx", run, [a, b, c]))
-
-
 # --- the runtime -----------------------------------------------------------------------------
 def getDeviceCount() -> int:  # noqa: N802
     return 1
@@ -787,8 +768,7 @@ def _modules() -> dict[str, types.ModuleType]:
                      using_allocator=using_allocator)  # fmt: skip
     compiler = _module("cupy.cuda.compiler", CompileException=CompileException)
     device = _module("cupy.cuda.device", get_cublas_handle=get_cublas_handle, Device=Device)
-    cublas = _module("cupy.cuda.cublas", setPointerMode=setPointerMode, setStream=setStream, gemmEx=gemmEx,
-                     gemmStridedBatchedEx=gemmStridedBatchedEx)  # fmt: skip
+    cublas = _module("cupy.cuda.cublas", setPointerMode=setPointerMode, setStream=setStream, gemmEx=gemmEx)  # fmt: skip
     cuda = _module("cupy.cuda", runtime=runtime, memory=memory, compiler=compiler, device=device,
                    cublas=cublas, Device=Device, Stream=Stream, Event=Event, Graph=Graph,
                    MemoryPool=MemoryPool, using_allocator=using_allocator,
