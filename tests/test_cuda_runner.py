@@ -111,6 +111,9 @@ SMOLLM_PROMPTS = [
     "The quick brown fox jumps over the lazy dog. In the beginning",
     "Once upon a time, there was a little girl who",
     "The capital of France is",
+    # 38 tokens: past MMVQ_MAX_ROWS, so the prompt-width matmul tiles run too
+    "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm windowsill. "
+    "Meanwhile, in the kitchen, a kettle begins to whistle softly and the bread is ready.",
 ]
 
 
@@ -118,7 +121,7 @@ def test_smollm_every_placement(device: Any, smollm_path: str) -> None:
     """SmolLM2 (30 blocks) with a short prompt: the emulator runs ~10^8 fiber switches a prompt.
     (Every block and the head on the GPU: test_smollm_all_gpu_over_prompts.)"""
     ref_runner = Runner(smollm_path, n_ctx=32, n_threads=2, n_gpu_layers=0)
-    tokens = ref_runner.tokenize(SMOLLM_PROMPTS[-1])
+    tokens = ref_runner.tokenize(SMOLLM_PROMPTS[2])
     ref = ref_runner.logits(tokens)
     for n_gpu, head in PLACEMENTS[:-1]:
         k = 15 if n_gpu == "half" else n_gpu
@@ -127,15 +130,17 @@ def test_smollm_every_placement(device: Any, smollm_path: str) -> None:
 
 
 def test_smollm_all_gpu_over_prompts(device: Any, smollm_path: str) -> None:
-    """Every block and the head on the GPU, three prompts (29 positions): the argmax equals the
-    CPU's at >= 99% of all of them (bench/gpu_agreement.py measures 198)."""
-    cpu = Runner(smollm_path, n_ctx=32, n_threads=2, n_gpu_layers=0)
-    gpu = Runner(smollm_path, n_ctx=32, n_threads=2, n_gpu_layers="all", gpu_margin=0, head_on_gpu=True)
+    """Every block and the head on the GPU, four prompts (67 positions, one prompt past
+    MMVQ_MAX_ROWS): the argmax equals the CPU's at >= 99% of all of them
+    (bench/gpu_agreement.py measures 198)."""
+    cpu = Runner(smollm_path, n_ctx=64, n_threads=2, n_gpu_layers=0)
+    gpu = Runner(smollm_path, n_ctx=64, n_threads=2, n_gpu_layers="all", gpu_margin=0, head_on_gpu=True)
     assert gpu.plan.output == "gpu"
     ids = [cpu.tokenize(p) for p in SMOLLM_PROMPTS]
     ref = np.concatenate([cpu.logits(t) for t in ids])
     got = np.concatenate([gpu.logits(t) for t in ids])
-    _, everywhere, worst = compare_logits(got, ref, "smollm2 all blocks and head on the GPU, 3 prompts", tie=SMOLLM_TIE)
+    assert max(map(len, ids)) > 32
+    _, everywhere, worst = compare_logits(got, ref, "smollm2 all blocks and head on the GPU, 4 prompts", tie=SMOLLM_TIE)
     assert everywhere >= 0.99 and worst < 1.5e-1, (everywhere, worst)
 
 
