@@ -168,31 +168,53 @@ class PyBlock:
         )
 
     def forward(self, x: Any, pos0: int, n_threads: int | None = None) -> None:
-        be, w = self.backend, self.w
         if pos0 + x.shape[0] > self.n_ctx:
             raise ContextFullError(
                 f"positions {pos0}..{pos0 + x.shape[0] - 1} exceed n_ctx={self.n_ctx}"
             )
-        attn = self._attention(self._norm(x, "attn_norm"), pos0)
-        be.add(x, self._branch_out(attn, "post_attention_norm"))
-        h = self._norm(x, "ffn_norm")
-        act = be.glu(be.matmul(w["ffn_gate"], h), be.matmul(w["ffn_up"], h), self.cfg["activation"])
-        ffn = be.matmul(w["ffn_down"], act)  # (n, ffn_dim) -> (n, dim)
-        be.add(x, self._branch_out(ffn, "post_ffw_norm"))
+        self._run(x, [(self, pos0, x.shape[0])], self.backend.matmul)
 
     def forward_batch(
         self, x: Any, segments: Sequence[tuple[PyBlock, int, int]], n_threads: int | None = None
     ) -> None:
         """The rows of several sequences, `_core.Block.forward_batch`'s contract: segments
         (block, pos0, n) cover x's rows in order, each block this layer's block of one sequence.
-        Each segment runs as its own forward (its rows a view of x), so every row's result is
-        that of its sequence alone; the backends' matmuls are not shared across sequences here."""
-        row = 0
-        for block, pos0, n in segments:
-            block.forward(x[row : row + n], pos0, n_threads)
-            row += n
-        if row != x.shape[0]:
-            raise ValueError(f"the segments cover {row} rows, x has {x.shape[0]}")
+
+        Consecutive one-row segments (decode steps) run as one pass where the backend has
+        `matmul_rows_alone` (the CPU's): each weight is read once for all of them, each row
+        computed as if alone. Other segments (prompt chunks; every segment on backends without
+        it) run as their own forward on their rows, a view of x.
+        """
+        if sum(n for _, _, n in segments) != x.shape[0]:
+            raise ValueError(f"the segments cover {sum(n for _, _, n in segments)} rows, x has {x.shape[0]}")
+        rows_alone = getattr(self.backend, "matmul_rows_alone", None)
+        row, i = 0, 0
+        while i < len(segments):
+            j = i
+            while rows_alone is not None and j < len(segments) and segments[j][2] == 1:
+                j += 1
+            if j - i >= 2:
+                steps = segments[i:j]
+                for block, pos0, _ in steps:
+                    if pos0 + 1 > block.n_ctx:
+                        raise ContextFullError(f"position {pos0} exceeds n_ctx={block.n_ctx}")
+                self._run(x[row : row + len(steps)], steps, rows_alone)
+                row, i = row + len(steps), j
+            else:
+                block, pos0, n = segments[i]
+                block.forward(x[row : row + n], pos0, n_threads)
+                row, i = row + n, i + 1
+
+    def _run(self, x: Any, seqs: Sequence[tuple[PyBlock, int, int]], matmul: Callable) -> None:
+        """The block on x's rows, which belong to seqs (block whose caches hold the sequence,
+        pos0, rows) in order, with this block's weights; matmul(W, x) is the backend's."""
+        be, w = self.backend, self.w
+        attn = self._attention(self._norm(x, "attn_norm"), seqs, matmul)
+        be.add(x, self._branch_out(attn, "post_attention_norm"))
+        h = self._norm(x, "ffn_norm")
+        act = be.glu(matmul(w["ffn_gate"], h), matmul(w["ffn_up"], h), self.cfg["activation"])
+        ffn = matmul(w["ffn_down"], act)  # (n, ffn_dim) -> (n, dim)
+        be.add(x, self._branch_out(ffn, "post_ffw_norm"))
 
     def _norm(self, x: Any, name: str) -> Any:
         """RMSNorm by weight `name`, or x itself where the architecture has none (olmo2)."""
@@ -205,32 +227,42 @@ class PyBlock:
         scale = self.cfg.get("residual_scale", 1.0)
         return y if scale == 1.0 else y * np.float32(scale)
 
-    def _attention(self, h: Any, pos0: int) -> Any:
-        """h (n, dim) -> attention output (n, dim); writes this chunk's K and V to the cache."""
+    def _attention(self, h: Any, seqs: Sequence[tuple[PyBlock, int, int]], matmul: Callable) -> Any:
+        """h (n, dim) -> attention output (n, dim); writes each sequence's K and V rows to the
+        caches of its block (seqs as in _run; one sequence in a plain forward)."""
         be, w, c = self.backend, self.w, self.cfg
         n, dk = h.shape[0], c["head_dim_k"]
-        q = self._projection("attn_q", h).reshape(n, c["n_heads"], dk)
-        k = self._projection("attn_k", h).reshape(n, c["n_kv_heads"], dk)
-        v = self._projection("attn_v", h)  # (n, kv_dim_v)
+        q = self._projection("attn_q", h, matmul).reshape(n, c["n_heads"], dk)
+        k = self._projection("attn_k", h, matmul).reshape(n, c["n_kv_heads"], dk)
+        v = self._projection("attn_v", h, matmul)  # (n, kv_dim_v)
         if "attn_q_norm" in w:  # gemma3, qwen3: RMSNorm over each head's dk values; olmo2: all
             width = q.shape[1] * dk if c.get("qk_norm_full") else dk
             q = be.rms_norm(q.reshape(-1, width), w["attn_q_norm"], c["norm_eps"]).reshape(q.shape)
             width = k.shape[1] * dk if c.get("qk_norm_full") else dk
             k = be.rms_norm(k.reshape(-1, width), w["attn_k_norm"], c["norm_eps"]).reshape(k.shape)
-        be.rope(q, pos0, self.rope)
-        be.rope(k, pos0, self.rope)
+        row = 0
+        for _, pos0, rows in seqs:  # each sequence's rows at its own positions
+            be.rope(q[row : row + rows], pos0, self.rope)
+            be.rope(k[row : row + rows], pos0, self.rope)
+            row += rows
         if c["q_scale"] != 1.0:
             q = q * np.float32(c["q_scale"])
-        be.store_kv(self.k_cache, pos0, k.reshape(n, -1))
-        be.store_kv(self.v_cache, pos0, v)
         cap = c.get("attn_softcap", 0.0)
-        args = (q, self.k_cache, self.v_cache, pos0, c["sliding_window"], c["attn_scale"])
-        o = be.attention(*args, softcap=cap) if cap else be.attention(*args)
-        return be.matmul(w["attn_output"], o)
+        outs, row = [], 0
+        for block, pos0, rows in seqs:
+            rng = slice(row, row + rows)
+            be.store_kv(block.k_cache, pos0, k[rng].reshape(rows, -1))
+            be.store_kv(block.v_cache, pos0, v[rng])
+            args = (q[rng], block.k_cache, block.v_cache, pos0, c["sliding_window"], c["attn_scale"])
+            outs.append(be.attention(*args, softcap=cap) if cap else be.attention(*args))
+            row += rows
+        # several sequences only on host backends (see forward_batch): numpy joins their rows
+        o = outs[0] if len(outs) == 1 else np.concatenate(outs)
+        return matmul(w["attn_output"], o)
 
-    def _projection(self, name: str, h: Any) -> Any:
+    def _projection(self, name: str, h: Any, matmul: Callable) -> Any:
         """h @ W.T (+ bias, qwen2: ggml_add after the matmul)."""
-        y = self.backend.matmul(self.w[name], h)
+        y = matmul(self.w[name], h)
         bias = self.w.get(f"{name}_bias")
         if bias is not None:
             self.backend.add(y, bias)
