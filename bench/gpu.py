@@ -14,6 +14,8 @@ Writes, under --out (default bench/results/):
     python bench/gpu.py                       # both test models, k = 0, L/4, L/2, 3L/4, L
     python bench/gpu.py --layers all --reps 5 # every k from 0 to L
     python bench/gpu.py --graphs              # tg also with decode steps as CUDA graphs
+    python bench/gpu.py --cublas-prefill      # pp at the most GPU blocks also through f16 +
+                                              # cuBLAS (HYBRIDLLM_CUDA_PREFILL=cublas)
     python bench/gpu.py --simulate            # no GPU: HYBRIDLLM's simulated GPU (smoke test)
     python bench/gpu.py --emulated --pp 40 --tg 2 --layers 0,1   # no GPU: the real CUDA backend
                                               # on the tests' CuPy stand-in and SIMT emulator
@@ -24,9 +26,12 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--graphs", action="store_true",
         help="for k > 0, time tg again with each decode step replayed as a CUDA graph (engine 'hybridllm graphs')",
+    )  # fmt: skip
+    p.add_argument(
+        "--cublas-prefill", action="store_true",
+        help="at the largest GPU block count measured, time pp again with quantized weights dequantized "
+        "to f16 for cuBLAS instead of the 8-bit mmq tiles (engine 'hybridllm cublas')",
     )  # fmt: skip
     p.add_argument(
         "--emulated", action="store_true",
@@ -99,6 +109,22 @@ def gpu_backend(simulate: bool) -> tuple[Any, str]:
     return CudaBackend(), status.name
 
 
+@contextmanager
+def prefill_env(value: str) -> Iterator[None]:
+    """$HYBRIDLLM_CUDA_PREFILL set to value while the backends are made (and then restored)."""
+    from hybridllm.placement import CUDA_PREFILL_ENV
+
+    old = os.environ.get(CUDA_PREFILL_ENV)
+    os.environ[CUDA_PREFILL_ENV] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(CUDA_PREFILL_ENV)
+        else:
+            os.environ[CUDA_PREFILL_ENV] = old
+
+
 def release_gpu_memory(simulate: bool) -> None:
     if not simulate:
         import cupy
@@ -106,9 +132,11 @@ def release_gpu_memory(simulate: bool) -> None:
         cupy.get_default_memory_pool().free_all_blocks()
 
 
-def bench_hybridllm(path: Path, k: int, args: argparse.Namespace, graphs: bool = False) -> tuple[dict[str, list[float]], str]:
+def bench_hybridllm(
+    path: Path, k: int, args: argparse.Namespace, graphs: bool = False, only_pp: bool = False
+) -> tuple[dict[str, list[float]], str]:
     """tokens/s per test for the last k blocks on the GPU; graphs: tg only, with the GPU run's
-    decode steps replayed as CUDA graphs (CudaBackend.graphs)."""
+    decode steps replayed as CUDA graphs (CudaBackend.graphs); only_pp: no tg."""
     from hybridllm.backends.cpu import CpuBackend
     from hybridllm.bench import time_generation, time_prompt
     from hybridllm.gguf_file import ModelFile
@@ -124,7 +152,7 @@ def bench_hybridllm(path: Path, k: int, args: argparse.Namespace, graphs: bool =
     time_prompt(model, min(args.pp or 32, 32))  # warm-up: kernel compilation, page-in, pools
     rates: dict[str, list[float]] = {}
     for test, n, timer in (("pp", args.pp, time_prompt), ("tg", args.tg, time_generation)):
-        if n > 0 and not (graphs and test == "pp"):
+        if n > 0 and not (graphs and test == "pp") and not (only_pp and test == "tg"):
             rates[f"{test}{n}"] = [n / timer(model, n, seed=r) for r in range(args.reps)]
     del model, gpu
     if k:  # k = 0 never touched the GPU (nor needs CuPy)
@@ -275,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         path = model_path(name)
         label = Path(name).stem if name.endswith(".gguf") else name
         n_layers = ModelFile(path).config.n_layers
-        for k in layer_counts(args.layers, n_layers):
+        counts = layer_counts(args.layers, n_layers)
+        for k in counts:
             rates, device = bench_hybridllm(path, k, args)
             rows += result_rows(label, "hybridllm", device, k, n_layers, rates)
             print(f"{label} k={k:2d} hybridllm  " + "  ".join(f"{t} {statistics.median(r):8.1f}" for t, r in rates.items()), flush=True)
@@ -283,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
                 rates, _ = bench_hybridllm(path, k, args, graphs=True)
                 rows += result_rows(label, "hybridllm graphs", device, k, n_layers, rates)
                 print(f"{label} k={k:2d} graphs     " + "  ".join(f"{t} {statistics.median(r):8.1f}" for t, r in rates.items()), flush=True)
+            if args.cublas_prefill and k == counts[-1] > 0 and not args.simulate and args.pp:
+                with prefill_env("cublas"):
+                    rates, _ = bench_hybridllm(path, k, args, only_pp=True)
+                rows += result_rows(label, "hybridllm cublas", device, k, n_layers, rates)
+                print(f"{label} k={k:2d} cublas     " + "  ".join(f"{t} {statistics.median(r):8.1f}" for t, r in rates.items()), flush=True)
             if llama_cpp is not None:
                 rates = bench_llama_cpp(llama_cpp, path, k, args)
                 rows += result_rows(label, "llama.cpp", device, k, n_layers, rates)

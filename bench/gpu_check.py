@@ -16,7 +16,8 @@ of files (see the device tool's README): prepare here, run there.
   4. ptxas     `nvcc -cubin -Xptxas -v` for sm_80 and sm_90: registers, and no spill stores/loads;
   5. tests     `pytest -m gpu` (tests/test_cuda_*.py ...) on the real device, or with --emulated
                on the emulator (HYBRIDLLM_GPU_TESTS=emulated), on the trimmed models;
-  6. bench     bench/gpu.py: pp512 and tg128 against the number of GPU blocks, with a PNG;
+  6. bench     bench/gpu.py: pp512 and tg128 against the number of GPU blocks, with a PNG
+               (tg also as CUDA graphs, pp at all blocks also through f16 + cuBLAS);
 Tests that need the full catalog models (SmolLM2's tokenizer: the tiny synthetic models borrow
 it) skip on the device, which holds only the trimmed copies; test_cuda_backend.py runs there on
 the trimmed copies (HYBRIDLLM_GPU_TEST_MODELS). The check
@@ -277,10 +278,10 @@ def run(args: argparse.Namespace) -> int:
     c = Check(args.emulated, out_dir)
     if args.emulated:
         pytest_args = shlex.split(args.pytest) if args.pytest else ["-m", "gpu", "-x", "tests/test_cuda_backend.py", "-k", "rms_norm or rope or store_kv or glu"]
-        bench_args = shlex.split(args.bench) if args.bench else ["--pp", "40", "--tg", "3", "--reps", "1", "--layers", "0,1", "--n-ctx", "64", "--graphs"]
+        bench_args = shlex.split(args.bench) if args.bench else ["--pp", "40", "--tg", "3", "--reps", "1", "--layers", "0,1", "--n-ctx", "64", "--graphs", "--cublas-prefill"]
     else:
         pytest_args = shlex.split(args.pytest) if args.pytest else ["-m", "gpu", "tests"]
-        bench_args = shlex.split(args.bench) if args.bench else ["--pp", "512", "--tg", "128", "--reps", "3", "--layers", "all", "--graphs"]
+        bench_args = shlex.split(args.bench) if args.bench else ["--pp", "512", "--tg", "128", "--reps", "3", "--layers", "all", "--graphs", "--cublas-prefill"]
     step_env(c)
     if not c.emulated and c.env.get("devices", "0") == "0":
         c.step("setup").status = "FAILED"
