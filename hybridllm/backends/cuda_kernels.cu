@@ -533,17 +533,19 @@ __device__ void mv_float(const u8* __restrict__ W, i64 row_bytes, int rows, int 
 // Thread block 128 = 16 groups of 8 lanes; group g owns output (row, col) of a tile of 16/C
 // weight rows x C activation rows, lane l owns float lane l. Every lane of a warp runs the same
 // blocks (the shuffles need all 32), groups outside the matrix compute row/col 0 and store nothing.
+// Where a block keeps its codes (qs) and 5th bits (qh, 0: none), the offset its codes carry,
+// and whether the CPU sums it as one chain; size and min (Traits<T>::q8_1) are in Traits.
 template <int T> struct Lanes32;
-template <> struct Lanes32<T_Q4_0> { static constexpr int bytes = 18, qs = 2, qh = 0, offset = 8; static constexpr bool min = false, chain = true; };
-template <> struct Lanes32<T_Q4_1> { static constexpr int bytes = 20, qs = 4, qh = 0, offset = 0; static constexpr bool min = true, chain = false; };
-template <> struct Lanes32<T_Q5_0> { static constexpr int bytes = 22, qs = 6, qh = 2, offset = 16; static constexpr bool min = false, chain = false; };
-template <> struct Lanes32<T_Q5_1> { static constexpr int bytes = 24, qs = 8, qh = 4, offset = 0; static constexpr bool min = true, chain = false; };
-template <> struct Lanes32<T_Q8_0> { static constexpr int bytes = 34, qs = 2, qh = 0, offset = 0; static constexpr bool min = false, chain = false; };
+template <> struct Lanes32<T_Q4_0> { static constexpr int qs = 2, qh = 0, offset = 8; static constexpr bool chain = true; };
+template <> struct Lanes32<T_Q4_1> { static constexpr int qs = 4, qh = 0, offset = 0; static constexpr bool chain = false; };
+template <> struct Lanes32<T_Q5_0> { static constexpr int qs = 6, qh = 2, offset = 16; static constexpr bool chain = false; };
+template <> struct Lanes32<T_Q5_1> { static constexpr int qs = 8, qh = 4, offset = 0; static constexpr bool chain = false; };
+template <> struct Lanes32<T_Q8_0> { static constexpr int qs = 2, qh = 0, offset = 0; static constexpr bool chain = false; };
 
 // Codes of elements 4l..4l+3 of a block, packed as dp4a wants them (unsigned nibbles or 5-bit
 // values, Q8_0's int8): the same integers as unpack<T>'s q[l].
 template <int T> HD int lane_codes(const u8* b, int l) {
-    if (T == T_Q8_0) return (int)ld32(b + 2 + 4 * l);
+    if (T == T_Q8_0) return (int)ld32(b + Lanes32<T>::qs + 4 * l);
     const u32 v = ld32(b + Lanes32<T>::qs + 4 * (l & 3));
     u32 q = l < 4 ? v & 0x0f0f0f0fu : (v >> 4) & 0x0f0f0f0fu;
     if (Lanes32<T>::qh) q |= spread4_bit4(ld32(b + Lanes32<T>::qh) >> (4 * l));
@@ -577,7 +579,7 @@ __device__ void mmq32(const u8* __restrict__ W, i64 row_bytes, int rows, int nb,
     constexpr int offset_bytes = (int)(((0x100u - L::offset) & 0xffu) * 0x01010101u);  // -offset in each byte
     float acc = 0.0f, summs = 0.0f;
     for (int b = 0; b < nb; ++b) {
-        const u8* blk = wrow + (i64)b * L::bytes;
+        const u8* blk = wrow + (i64)b * Traits<T>::bytes;
         const int a = yq[(x0 + b) * 8 + l];
         int dot = dp4a(lane_codes<T>(blk, l), a, 0);
         if (L::offset) dot = dp4a(offset_bytes, a, dot);
@@ -588,10 +590,10 @@ __device__ void mmq32(const u8* __restrict__ W, i64 row_bytes, int rows, int nb,
         } else {
             acc = fma_rn(dd, (float)dot, acc);
         }
-        if (L::min) summs = fma_rn(h2f(ld16(blk + 2)), ds.w, summs);
+        if (Traits<T>::q8_1) summs = fma_rn(h2f(ld16(blk + 2)), ds.w, summs);
     }
     if (!L::chain) acc = group8_hsum(acc);
-    if (L::min) acc = acc + summs;
+    if (Traits<T>::q8_1) acc = acc + summs;
     if (valid && l == 0) out[(i64)col * rows + row] = acc;
 }
 
