@@ -175,9 +175,9 @@ def gpu_scratch_bytes(
     it holds (2 bytes an element), the rope cos/sin tables ((n_ctx, rope_dim/2) f32 each, one pair
     per distinct rope base among its blocks: gemma3's local and global layers differ), the GELU
     table, the position table the kernels read their position from (an int32 per position),
-    and the f16 copies of a chunk (the probabilities next to the f32 scores, and the
-    activations cuBLAS reads, or their 8-bit blocks: 1.5 bytes an element), and with the head the logits of every row of a chunk (scoring
-    asks for all of them).
+    the converted copy of a chunk's widest matmul input (8-bit blocks of 32: 1.5 bytes an
+    element; f16 for cuBLAS: 2), and with the head the logits of every row of a chunk (scoring
+    asks for all of them). Attention needs nothing past the f32 scores of scratch_bytes.
     """
     blocks = list(gpu_blocks)
     if not blocks and not head_gpu:
@@ -191,10 +191,10 @@ def gpu_scratch_bytes(
     rope = len(bases) * 2 * 4 * n_ctx * (config.rope_dim // 2)
     gelu = GELU_TABLE_BYTES if config.spec.activation == "gelu_tanh" else 0
     widest = max(config.dim, config.ffn_dim, config.q_dim, config.n_heads * config.head_dim_v)
-    f16 = 2 * chunk * (config.n_heads * n_ctx + widest + config.q_dim)
+    converted = 2 * chunk * widest
     logits = 4 * config.n_vocab * (chunk - 1) if head_gpu else 0  # every row's logits, not one
     positions = 4 * n_ctx
-    return scratch_bytes(config, n_ctx, chunk, logits=head_gpu) + 2 * dequant + rope + gelu + f16 + logits + positions
+    return scratch_bytes(config, n_ctx, chunk, logits=head_gpu) + 2 * dequant + rope + gelu + converted + logits + positions
 
 
 def plan(
