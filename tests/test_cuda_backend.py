@@ -228,6 +228,23 @@ def test_attention(gpu: Any, cpu: CpuBackend, n: int, pos0: int, window: int, n_
     np.testing.assert_array_equal(got, expected)  # ggml's order for the CPU's SIMD lanes
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
+@pytest.mark.parametrize(("n", "pos0", "window"), [(1, 9, 0), (1, 700, 512), (40, 30, 0)])
+def test_attention_for_either_simd_width(
+    gpu: Any, cpu: CpuBackend, monkeypatch: pytest.MonkeyPatch, lanes: int, n: int, pos0: int, window: int
+) -> None:
+    """The CPU's attention order depends on its SIMD width (AVX2: 8 lanes and its own expf and
+    register sums, AVX-512: 16); the GPU follows whichever the CPU backend uses, bit for bit."""
+    monkeypatch.setattr("hybridllm.backends.cpu.SIMD_LANES", lanes)
+    monkeypatch.setattr(f"{type(gpu).__module__}.SIMD_LANES", lanes)
+    n_heads, n_kv, d = 9, 3, 80
+    k_rows, v_rows = _rows(pos0 + n, n_kv * d, seed=14), _rows(pos0 + n, n_kv * d, seed=15)
+    kc, vc, gkc, gvc = filled_caches(cpu, gpu, 1024, k_rows, v_rows)
+    q = _rows(n, n_heads * d, seed=16, scale=3.0).reshape(n, n_heads, d)  # peaked softmax rows
+    expected = cpu.attention(q, kc, vc, pos0, window, 0.125)
+    np.testing.assert_array_equal(gpu.to_host(gpu.attention(gpu.from_host(q), gkc, gvc, pos0, window, 0.125)), expected)
+
+
 @pytest.mark.parametrize("k", [2048, 1536 + 9])
 def test_glu(gpu: Any, cpu: CpuBackend, k: int) -> None:
     gate, up = _rows(5, k, seed=2, scale=4.0), _rows(5, k, seed=3)
