@@ -245,19 +245,20 @@ def test_attention_for_either_simd_width(
     np.testing.assert_array_equal(gpu.to_host(gpu.attention(gpu.from_host(q), gkc, gvc, pos0, window, 0.125)), expected)
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
 @pytest.mark.parametrize("k", [2048, 1536 + 9])
-def test_glu(gpu: Any, cpu: CpuBackend, k: int) -> None:
+def test_glu(gpu: Any, cpu: CpuBackend, monkeypatch: pytest.MonkeyPatch, k: int, lanes: int) -> None:
+    """SiLU follows the CPU's SIMD width (AVX2: 8 lanes and its own ggml_v_expf, AVX-512: 16)."""
+    monkeypatch.setattr(f"{type(gpu).__module__}.SIMD_LANES", lanes)
     gate, up = _rows(5, k, seed=2, scale=4.0), _rows(5, k, seed=3)
     gate[0, :4] = [-12.0, 12.0, -10.0, 10.0]  # the table's cut-offs
     g, u = gpu.from_host(gate), gpu.from_host(up)
     got = gpu.to_host(gpu.glu(g, u, "gelu_tanh"))
     assert np.array_equal(got, cpu.glu(gate, up, "gelu_tanh"))  # the same f16 table
     got = gpu.to_host(gpu.glu(g, u, "silu"))
-    # The kernel follows ggml's 16-lane (AVX-512) SwiGLU whatever the host's ISA: compare with
-    # that order, not with this CPU's (an AVX2 CPU rounds ggml_v_expf differently).
     expected = np.empty_like(gate)
-    _swiglu(gate, up, expected, 16)
-    simd = k - k % 16  # ggml_v_expf, FMA for FMA; the tail is libm's expf vs CUDA's expf
+    _swiglu(gate, up, expected, lanes)
+    simd = k - k % lanes  # ggml_v_expf, FMA for FMA; the tail is libm's expf vs CUDA's expf
     np.testing.assert_array_equal(got[:, :simd], expected[:, :simd])
     np.testing.assert_allclose(got[:, simd:], expected[:, simd:], rtol=1e-6)
 

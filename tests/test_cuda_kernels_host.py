@@ -117,9 +117,9 @@ int main(int argc, char** argv) {
 #undef CASE
             default: return 4;
         }
-    } else if (mode[0] == 's' && mode[1] == 'i') {  // silu: gate (in0) and up (in1), rows x cols
+    } else if (mode[0] == 's' && mode[1] == 'i') {  // silu: gate (in0) and up (in1), rows x cols, q lanes
         std::vector<float> g = slurp<float>(argv[7]), u = slurp<float>(argv[8]);
-        for (long i = 0; i < (long)rows * cols; ++i) out.push_back(swiglu_value(g[i], u[i], (int)(i % cols), cols));
+        for (long i = 0; i < (long)rows * cols; ++i) out.push_back(swiglu_value(g[i], u[i], (int)(i % cols), cols, q));
     } else {  // mv
         std::vector<float> x = slurp<float>(argv[8]);
         switch (q) {
@@ -302,19 +302,20 @@ def test_float_matvec(harness: Path, qtype: T, ncols: int) -> None:
     np.testing.assert_allclose(got, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-4)
 
 
-def test_swiglu_matches_cpu_backend_bits(harness: Path) -> None:
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_swiglu_matches_cpu_backend_bits(harness: Path, lanes: int) -> None:
     """The GPU's SiLU is ggml's vectorised expf, FMA for FMA: the CPU backend's bits exactly, in
-    ggml's 16-lane (AVX-512) order, which the kernel follows whatever the host's ISA."""
+    the order of a CPU with `lanes`-wide float SIMD (AVX2: 8, with its own expf; AVX-512: 16)."""
     from hybridllm.backends.cpu import _swiglu
 
     rng = np.random.default_rng(7)
-    rows, k = 3, 1536 + 9  # 9 columns of scalar tail after the 16-wide part
+    rows, k = 3, 1536 + 9  # 9 columns of scalar tail after the SIMD part
     gate = (rng.standard_normal((rows, k)) * 6).astype(np.float32)
     gate[0, :6] = [-90.0, -87.5, 0.0, -0.0, 88.0, 1e-8]  # the fast path's edges
     up = rng.standard_normal((rows, k)).astype(np.float32)
-    got = _run(harness, "silu", 0, rows, k, 0, gate, up).reshape(rows, k)
+    got = _run(harness, "silu", lanes, rows, k, 0, gate, up).reshape(rows, k)
     expected = np.empty_like(gate)
-    _swiglu(gate, up, expected, 16)
-    simd = k - k % 16
+    _swiglu(gate, up, expected, lanes)
+    simd = k - k % lanes
     np.testing.assert_array_equal(got[:, :simd], expected[:, :simd])
     np.testing.assert_allclose(got[:, simd:], expected[:, simd:], rtol=1e-6)  # libm expf on both

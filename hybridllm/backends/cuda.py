@@ -339,7 +339,7 @@ class CudaBackend:
         else:
             raise ValueError(f"unknown activation {activation!r}")
         out = cp.empty_like(gate)
-        args = (gate, up, out, _i64(gate.size), _i32(gate.shape[-1]), _i32(act), table)
+        args = (gate, up, out, _i64(gate.size), _i32(gate.shape[-1]), _i32(act), table, _i32(SIMD_LANES))
         self._fn("glu")((_blocks(gate.size, 256),), (256,), args)
         return out
 

@@ -776,7 +776,7 @@ rope(float* __restrict__ x, int n, int heads, int head_dim, int half, const int*
 
 // ---------------------------------------------------------------------------------------------
 // gated FFN activation: out = act(gate) * up over rows of k. act 0: SiLU as ggml's CPU
-// (ggml_v_expf on the 16-wide SIMD part of a row, libm-like expf on its tail); act 1: GELU(tanh)
+// (its ISA's ggml_v_expf on the SIMD part of a row, libm-like expf on its tail); act 1: GELU(tanh)
 // through ggml's f16 table (the CPU backend's table, so the values match bit for bit).
 // ---------------------------------------------------------------------------------------------
 // ggml_v_expf (ARM optimized-routines expf, ggml-cpu/vec.h) for one lane: same FMAs, same
@@ -794,22 +794,44 @@ HD float ggml_v_expf(float x) {
     return mul_rn(j, pow2i((int)n));
 }
 
-// ggml_vec_swiglu_f32 for element `col` of a row of k: SIMD lanes (the first k - k%16) use
+// ggml_v_expf's AVX2 variant (backends/cpu.py's _v_expf with avx2): the 1 stays out of the
+// polynomial and fma(j, 2^n, 2^n) rounds once; 126 < |n| <= 192 rescales in two steps.
+HD float ggml_v_expf_avx2(float x) {
+    const float shift = 12582912.0f;
+    const float z = fma_rn(x, 0x1.715476p+0f, shift);
+    const float n = z - shift;
+    const float b = fma_rn(-n, 0x1.7f7d1cp-20f, fma_rn(-n, 0x1.62e4p-1f, x));
+    const float u = mul_rn(b, b);
+    const float j = fma_rn(fma_rn(fma_rn(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
+                                  fma_rn(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
+                           u, mul_rn(0x1.ffffecp-1f, b));
+    if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : pow2i(128);
+    if (fabsf(n) <= 126.0f) {
+        const float k = pow2i((int)n);
+        return fma_rn(j, k, k);
+    }
+    const float s1 = n <= 0.0f ? pow2i(-125) : pow2i(127);
+    const float s2 = n <= 0.0f ? pow2i((int)n + 125) : pow2i((int)n - 127);
+    return mul_rn(fma_rn(s2, j, s2), s1);
+}
+
+// ggml_vec_swiglu_f32 for element `col` of a row of k, as a CPU with `lanes`-wide float SIMD
+// (16: AVX-512, 8: AVX2) computes it: the first k - k%lanes columns use that ISA's
 // ggml_v_expf, the tail expf; silu(g) * u with one rounding per op.
-HD float swiglu_value(float g, float u, int col, int k) {
-    const float e = col < k - k % 16 ? ggml_v_expf(-g) : expf(-g);
+HD float swiglu_value(float g, float u, int col, int k, int lanes) {
+    const float e = col >= k - k % lanes ? expf(-g) : lanes == 8 ? ggml_v_expf_avx2(-g) : ggml_v_expf(-g);
     return mul_rn(g / (1.0f + e), u);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
 glu(const float* __restrict__ gate, const float* __restrict__ up, float* __restrict__ out, i64 n,
-    int k, int act, const float* __restrict__ gelu_table) {
+    int k, int act, const float* __restrict__ gelu_table, int lanes) {
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const float g = gate[i], u = up[i];
     float y;
     if (act == 0) {
-        y = swiglu_value(g, u, (int)(i % k), k);
+        y = swiglu_value(g, u, (int)(i % k), k, lanes);
     } else if (g <= -10.0f) {
         y = 0.0f;
     } else if (g >= 10.0f) {
@@ -844,27 +866,6 @@ glu(const float* __restrict__ gate, const float* __restrict__ up, float* __restr
 // - P.V: lane i sums the keys at positions = i mod L, in order, into one accumulator (batched)
 //   or four (round-robin over steps of L positions), folded as Q.K.
 // Dynamic shared memory: (80 + dk) floats.
-
-// ggml_v_expf's AVX2 variant (backends/cpu.py's _v_expf with avx2): the 1 stays out of the
-// polynomial and fma(j, 2^n, 2^n) rounds once; 126 < |n| <= 192 rescales in two steps.
-HD float ggml_v_expf_avx2(float x) {
-    const float shift = 12582912.0f;
-    const float z = fma_rn(x, 0x1.715476p+0f, shift);
-    const float n = z - shift;
-    const float b = fma_rn(-n, 0x1.7f7d1cp-20f, fma_rn(-n, 0x1.62e4p-1f, x));
-    const float u = mul_rn(b, b);
-    const float j = fma_rn(fma_rn(fma_rn(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
-                                  fma_rn(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
-                           u, mul_rn(0x1.ffffecp-1f, b));
-    if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : pow2i(128);
-    if (fabsf(n) <= 126.0f) {
-        const float k = pow2i((int)n);
-        return fma_rn(j, k, k);
-    }
-    const float s1 = n <= 0.0f ? pow2i(-125) : pow2i(127);
-    const float s2 = n <= 0.0f ? pow2i((int)n + 125) : pow2i((int)n - 127);
-    return mul_rn(fma_rn(s2, j, s2), s1);
-}
 
 // A raw Q.K score as softmax sees it: llama.cpp's graph order, one rounding per op (no FMA
 // contraction): with a soft-cap, s * (1/cap) -> tanhf -> * cap -> * scale; else s * scale.
