@@ -11,9 +11,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+from amx_guard import refuse_amx
 from hybridllm.models.tiny import TINY_GEMMA3, TINY_LLAMA, TinySpec, write_tiny_model
 
 from hybridllm import catalog
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On an AMX machine, keep the llama.cpp oracle off its AMX path (tests/amx_guard.py)."""
+    refuse_amx()
 
 
 def _model_path(name: str) -> str:
