@@ -2,8 +2,8 @@
 
 On a CPU with AMX (Xeon Sapphire Rapids and later), llama-cpp-python built for the machine
 (GGML_NATIVE) puts quantized weights in ggml's AMX buffer type, and llama.cpp 0.3.36's
-`ggml_backend_amx_mul_mat` then segfaults on the first evaluation (seen here on SmolLM2 and on
-every tiny model; upstream ggml-org/llama.cpp#20824, closed without a fix). ggml enables AMX only
+`ggml_backend_amx_mul_mat` then segfaults on the first evaluation (seen on an AMX Xeon with
+SmolLM2 and the tiny test models; upstream ggml-org/llama.cpp#20824, closed without a fix). ggml enables AMX only
 if the kernel grants the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`);
 refused, it uses the AVX-512 code of the same build, which is the oracle the exactness tests
 need: llama.cpp built for this machine, as it runs on a kernel without AMX support.
