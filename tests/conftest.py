@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,14 @@ from hybridllm import catalog
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """On an AMX machine, keep the llama.cpp oracle off its AMX path (tests/amx_guard.py)."""
+    """On an AMX machine, keep the llama.cpp oracle off its AMX path (tests/amx_guard.py).
+
+    A shell without job control starts background commands with SIGINT ignored, and an
+    ignored signal stays ignored across exec: the Ctrl-C tests' children would then never see
+    their interrupt. Handled again here, it is reset to the default in every child."""
     refuse_amx()
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _model_path(name: str) -> str:
