@@ -779,17 +779,26 @@ rope(float* __restrict__ x, int n, int heads, int head_dim, int half, const int*
 // (its ISA's ggml_v_expf on the SIMD part of a row, libm-like expf on its tail); act 1: GELU(tanh)
 // through ggml's f16 table (the CPU backend's table, so the values match bit for bit).
 // ---------------------------------------------------------------------------------------------
-// ggml_v_expf (ARM optimized-routines expf, ggml-cpu/vec.h) for one lane: same FMAs, same
-// polynomial, so the same bits as the CPU's SIMD SiLU. |x| < ~87 gives the fast path.
-HD float ggml_v_expf(float x) {
+// The range reduction and polynomial that ggml_v_expf shares across ISAs (ARM
+// optimized-routines expf, ggml-cpu/vec.h), for one lane: x = n ln2 + b, *n_out = n, and
+// b + b^2 p(b) (plus 1 where `with_one`: the AVX-512 variant folds it into the last FMA).
+HD float expf_poly(float x, float* n_out, bool with_one) {
     const float shift = 12582912.0f;  // 0x1.8p23: adding it rounds to an integer
-    const float z = fma_rn(x, 0x1.715476p+0f, shift);
-    const float n = z - shift;
+    const float n = fma_rn(x, 0x1.715476p+0f, shift) - shift;
     const float b = fma_rn(-n, 0x1.7f7d1cp-20f, fma_rn(-n, 0x1.62e4p-1f, x));
     const float u = mul_rn(b, b);
-    const float j = fma_rn(fma_rn(fma_rn(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
-                                  fma_rn(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
-                           u, fma_rn(0x1.ffffecp-1f, b, 1.0f));
+    const float c1b = with_one ? fma_rn(0x1.ffffecp-1f, b, 1.0f) : mul_rn(0x1.ffffecp-1f, b);
+    *n_out = n;
+    return fma_rn(fma_rn(fma_rn(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
+                         fma_rn(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
+                  u, c1b);
+}
+
+// ggml_v_expf as the AVX-512 build runs it: same FMAs, same polynomial, so the same bits as the
+// CPU's SIMD SiLU. |x| < ~87 gives the fast path.
+HD float ggml_v_expf(float x) {
+    float n;
+    const float j = expf_poly(x, &n, true);
     if (fabsf(n) > 126.0f) return n < 0.0f ? 0.0f : pow2i(128);  // 2^128: +inf
     return mul_rn(j, pow2i((int)n));
 }
@@ -797,14 +806,8 @@ HD float ggml_v_expf(float x) {
 // ggml_v_expf's AVX2 variant (backends/cpu.py's _v_expf with avx2): the 1 stays out of the
 // polynomial and fma(j, 2^n, 2^n) rounds once; 126 < |n| <= 192 rescales in two steps.
 HD float ggml_v_expf_avx2(float x) {
-    const float shift = 12582912.0f;
-    const float z = fma_rn(x, 0x1.715476p+0f, shift);
-    const float n = z - shift;
-    const float b = fma_rn(-n, 0x1.7f7d1cp-20f, fma_rn(-n, 0x1.62e4p-1f, x));
-    const float u = mul_rn(b, b);
-    const float j = fma_rn(fma_rn(fma_rn(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u,
-                                  fma_rn(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
-                           u, mul_rn(0x1.ffffecp-1f, b));
+    float n;
+    const float j = expf_poly(x, &n, false);
     if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : pow2i(128);
     if (fabsf(n) <= 126.0f) {
         const float k = pow2i((int)n);
