@@ -3,8 +3,8 @@
 On a CPU with AMX (Xeon Sapphire Rapids and later), llama-cpp-python built for the machine
 (GGML_NATIVE) puts quantized weights in ggml's AMX buffer type, and llama.cpp 0.3.36's
 `ggml_backend_amx_mul_mat` then segfaults on the first evaluation (seen on an AMX Xeon with
-SmolLM2 and the tiny test models; upstream ggml-org/llama.cpp#20824, closed without a fix). ggml enables AMX only
-if the kernel grants the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`);
+SmolLM2 and the tiny test models; upstream ggml-org/llama.cpp#20824, closed without a fix).
+ggml enables AMX only if the kernel grants the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`);
 refused, it uses the AVX-512 code of the same build, which is the oracle the exactness tests
 need: llama.cpp built for this machine, as it runs on a kernel without AMX support.
 
@@ -19,7 +19,7 @@ import platform
 import sys
 from pathlib import Path
 
-ARCH_REQ_XCOMP_PERM = 0x1023
+ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 0x1023, 18
 SYS_ARCH_PRCTL = 158  # x86_64
 AUDIT_ARCH_X86_64 = 0xC000003E
 EPERM = 1
@@ -86,5 +86,4 @@ def refuse_amx() -> bool:
 def amx_refused() -> bool:
     """Whether a request for the AMX tile state is refused now (the filter's effect)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    XFEATURE_XTILEDATA = 18
     return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0

@@ -818,11 +818,16 @@ HD float ggml_v_expf_avx2(float x) {
     return mul_rn(fma_rn(s2, j, s2), s1);
 }
 
+// ggml_v_expf as a CPU with `lanes`-wide float SIMD runs it (8: AVX2, 16: AVX-512).
+HD float ggml_v_expf_lanes(float x, int lanes) {
+    return lanes == 8 ? ggml_v_expf_avx2(x) : ggml_v_expf(x);
+}
+
 // ggml_vec_swiglu_f32 for element `col` of a row of k, as a CPU with `lanes`-wide float SIMD
 // (16: AVX-512, 8: AVX2) computes it: the first k - k%lanes columns use that ISA's
 // ggml_v_expf, the tail expf; silu(g) * u with one rounding per op.
 HD float swiglu_value(float g, float u, int col, int k, int lanes) {
-    const float e = col >= k - k % lanes ? expf(-g) : lanes == 8 ? ggml_v_expf_avx2(-g) : ggml_v_expf(-g);
+    const float e = col >= k - k % lanes ? expf(-g) : ggml_v_expf_lanes(-g, lanes);
     return mul_rn(g / (1.0f + e), u);
 }
 
@@ -960,7 +965,7 @@ attn_ggml(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __
     m = block_max(m, red);
     for (int j = tid; j < nk; j += blockDim.x) {
         const float x = s[j] - m;
-        s[j] = L == 8 ? ggml_v_expf_avx2(x) : ggml_v_expf(x);
+        s[j] = ggml_v_expf_lanes(x, L);
     }
     __syncthreads();
     const int first = lo - lo % L;  // chunk c holds positions first + c*L .. + L-1
