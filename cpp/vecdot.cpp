@@ -36,28 +36,33 @@ constexpr size_t align64(size_t v) { return (v + 63) & ~size_t{63}; }
 
 // Bytes of each array, in the order they sit in the buffer (nb = cols / block size):
 //   ACT_Q8_32:  qs [n][cols] int8 | d [n][nb] | s [n][nb] | d_t [nb][n] | s_t | q5_start [n][cols/4] int32
+//               | q8_start [n][cols/4] int32
 //   ACT_Q8_1:   qs [n][cols] int8 | d [n][nb] | s [n][nb] | d_t [nb][n] | s_t [nb][n]
 //   ACT_Q8_K:   qs [n][cols] int8 | d [n][nb] float | bsums [n][cols/16] int16 | d_t [nb][n]
 struct Sizes {
-    size_t qs, d, extra, d_t, s_t, q5_start;
-    size_t total() const { return qs + d + extra + d_t + s_t + q5_start; }
+    size_t qs, d, extra, d_t, s_t, q5_start, q8_start;
+    size_t total() const { return qs + d + extra + d_t + s_t + q5_start + q8_start; }
 };
 
 Sizes sizes(int kind, int64_t n, int64_t cols) {
     const size_t nn = static_cast<size_t>(n), cc = static_cast<size_t>(cols);
     if (kind == ACT_Q8_32 || kind == ACT_Q8_1) {
         const size_t per_block = align64(nn * (cc / QK) * 4);
-        const size_t q5 = kind == ACT_Q8_32 ? align64(nn * cc) : 0;
-        return {align64(nn * cc), per_block, per_block, per_block, per_block, q5};
+        const size_t start = kind == ACT_Q8_32 ? align64(nn * cc) : 0;  // (cols / 4) int32 a row
+        return {align64(nn * cc), per_block, per_block, per_block, per_block, start, start};
     }
-    if (kind == ACT_Q8_K) return {align64(nn * cc), align64(nn * (cc / QK_K) * 4), align64(nn * (cc / 16) * 2), align64(nn * (cc / QK_K) * 4), 0, 0};
-    return {0, 0, 0, 0, 0, 0};
+    if (kind == ACT_Q8_K) return {align64(nn * cc), align64(nn * (cc / QK_K) * 4), align64(nn * (cc / 16) * 2), align64(nn * (cc / QK_K) * 4), 0, 0, 0};
+    return {0, 0, 0, 0, 0, 0, 0};
 }
 
-// -16 * the sums of each 4 consecutive codes (Q5_0's offset, in dot_u8s8's int32 lanes).
-void q5_start_lanes(const int8_t* q, int64_t cols, int32_t* lanes) {
-    for (int64_t l = 0; l < cols / 4; ++l)
-        lanes[l] = -16 * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+// -16 and -128 times the sums of each 4 consecutive codes (the offsets of Q5_0's codes and of
+// Q8_0's codes + 128, in dot_u8s8's int32 lanes).
+void start_lanes(const int8_t* q, int64_t cols, int32_t* lanes16, int32_t* lanes128) {
+    for (int64_t l = 0; l < cols / 4; ++l) {
+        const int32_t sum = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
+        lanes16[l] = -16 * sum;
+        lanes128[l] = -128 * sum;
+    }
 }
 
 // float -> nearest IEEE half (round to nearest even), back to float: llama.cpp's
@@ -214,8 +219,10 @@ QActs acts_layout(int kind, int64_t n, int64_t cols, void* buf, const float* x) 
         a.s = reinterpret_cast<const float*>(base + s.qs + s.d);
         a.d_t = reinterpret_cast<const float*>(base + s.qs + s.d + s.extra);
         a.s_t = reinterpret_cast<const float*>(base + s.qs + s.d + s.extra + s.d_t);
-        if (kind == ACT_Q8_32)
+        if (kind == ACT_Q8_32) {
             a.q5_start = reinterpret_cast<const int32_t*>(base + s.qs + s.d + s.extra + s.d_t + s.s_t);
+            a.q8_start = reinterpret_cast<const int32_t*>(base + s.qs + s.d + s.extra + s.d_t + s.s_t + s.q5_start);
+        }
     } else {
         a.bsums = reinterpret_cast<const int16_t*>(base + s.qs + s.d);
         a.d_t = reinterpret_cast<const float*>(base + s.qs + s.d + s.extra);
@@ -237,7 +244,9 @@ void quantize_acts_rows(const QActs& a, const float* x, int64_t r0, int64_t r1) 
                 const_cast<float*>(a.d_t)[b * a.n + r] = d[b];
                 const_cast<float*>(a.s_t)[b * a.n + r] = s[b];
             }
-            if (a.q5_start != nullptr) q5_start_lanes(q, cols, const_cast<int32_t*>(a.q5_start) + r * (cols / 4));
+            if (a.q5_start != nullptr)
+                start_lanes(q, cols, const_cast<int32_t*>(a.q5_start) + r * (cols / 4),
+                            const_cast<int32_t*>(a.q8_start) + r * (cols / 4));
         } else if (a.kind == ACT_Q8_K) {
             const int64_t nb = cols / QK_K;
             float* d = const_cast<float*>(a.d) + r * nb;
@@ -252,6 +261,10 @@ void quantize_acts_rows(const QActs& a, const float* x, int64_t r0, int64_t r1) 
 
 TileKernel get_tile_kernel(int type, int act_kind) {
     return force_scalar() ? nullptr : get_tile_kernel_avx2(type, act_kind);
+}
+
+TileKernel get_wide_tile_kernel(int type, int act_kind) {
+    return force_scalar() ? nullptr : get_wide_tile_kernel_avx2(type, act_kind);
 }
 
 MatvecKernel get_matvec_kernel(int type, int act_kind) {

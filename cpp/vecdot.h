@@ -47,6 +47,9 @@ struct QActs {
     // the start value of Q5_0's unsigned-code dot (q - 16 folded in), once per matmul instead of
     // once per weight-row pair.
     const int32_t* q5_start = nullptr;
+    // ACT_Q8_32: -128 * the same sums, [n][cols/4]: the start value of Q8_0's codes + 128 (the
+    // unsigned operand of the 512-bit tile).
+    const int32_t* q8_start = nullptr;
 };
 
 // Bytes of scratch that quantized activations of this kind and size need (0 for ACT_F32).
@@ -84,9 +87,17 @@ using TileKernel = void (*)(int64_t cols, const uint8_t* w, int64_t rb, const QA
 
 constexpr int TILE_NW = 2;
 
+// The wide tile: TILE_NW weight rows x WIDE_NA activation rows (the same TileKernel signature),
+// for batches of 8+ rows where the weight decode shared by MAX_NA rows is still a large share.
+constexpr int WIDE_NA = 8;
+
 // The SIMD tile kernel for `type` against `act_kind`, or nullptr (use the row kernels).
 TileKernel get_tile_kernel(int type, int act_kind);
 TileKernel get_tile_kernel_avx2(int type, int act_kind);
+
+// The SIMD wide tile kernel, or nullptr (the AVX2 build and the formats without one).
+TileKernel get_wide_tile_kernel(int type, int act_kind);
+TileKernel get_wide_tile_kernel_avx2(int type, int act_kind);
 
 // The SIMD matvec kernel for `type` against `act_kind`, or nullptr (use the row kernels).
 MatvecKernel get_matvec_kernel(int type, int act_kind);

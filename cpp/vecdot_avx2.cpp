@@ -70,11 +70,12 @@ HL_INLINE __m256i high_nibbles(__m256i v) {
 // One output's chain must stay in block order, so the matvec kernels run MATVEC_NR rows' chains
 // side by side instead of splitting a row (and cut the instructions per block).
 
-struct Fmt8_0 {  // int8 codes
+struct Fmt8_0 {  // int8 codes; ucodes = codes + 128 as unsigned bytes (the 512-bit tile's operand)
     static constexpr size_t kBytes = sizeof(block_q8_0);
     static constexpr bool kSigned = true, kMin = false, kChain = false;
-    static constexpr int kBias = 0;
+    static constexpr int kBias = 128;  // ucodes - kBias = codes
     static HL_INLINE __m256i codes(const uint8_t* b) { return loadu256(b + 2); }
+    static HL_INLINE __m256i ucodes(const uint8_t* b) { return _mm256_xor_si256(codes(b), _mm256_set1_epi8(-128)); }
 };
 
 // Nibbles of 16 bytes in element order: low nibbles in bytes 0-15, high nibbles in 16-31.
@@ -292,20 +293,23 @@ void tile32(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t 
 // high 256 bits row 1's, so one dot, one convert, one scale product and one FMA serve two
 // outputs. Each half computes exactly what tile32 computes for its row (integer lanes, then
 // acc8 = fma(dw * da, float(lanes), acc8) per block), so the bits are the same; the instruction
-// count per block is nearly halved.
-template <class F>
+// count per block is nearly halved. NA = WIDE_NA (8 activation rows, the wide tile of batches)
+// shares each decoded weight block among twice as many rows; each output's arithmetic is the same.
+template <class F, int NA = MAX_NA>
 void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t a0, float* out, int64_t os) {
-    static_assert(TILE_NW == 2 && MAX_NA == 4, "two weight rows in one 512-bit register");
-    static_assert(F::kBias == 0 || F::kBias == 16, "q5_start holds the lanes of a 16 offset");
-    constexpr int NA = MAX_NA;
+    static_assert(TILE_NW == 2, "two weight rows in one 512-bit register");
+    static_assert(NA % 4 == 0, "the min chains run as 4-lane vectors");
+    static_assert(F::kBias == 0 || F::kBias == 16 || F::kBias == 128, "q5_start / q8_start hold these offsets");
+    constexpr int NQ = NA / 4;
     constexpr size_t kB = F::kBytes;
     const int64_t nb = cols / QK;
     const int8_t* aq = a.qs + a0 * cols;
     const float* ad = a.d + a0 * nb;
-    const int32_t* start = F::kBias != 0 ? a.q5_start + a0 * (cols / 4) : nullptr;
+    const int32_t* start = F::kBias == 0 ? nullptr : (F::kBias == 16 ? a.q5_start : a.q8_start) + a0 * (cols / 4);
     __m512 acc[NA];
     for (int i = 0; i < NA; ++i) acc[i] = _mm512_setzero_ps();
-    __m128 summs[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
+    __m128 summs[2][NQ];  // lane j of summs[r][q]: weight row r's min chain with activation row 4q + j
+    for (int q = 0; q < NQ; ++q) summs[0][q] = summs[1][q] = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk0 = w + b * kB;
         const uint8_t* blk1 = blk0 + rb;
@@ -317,11 +321,14 @@ void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, 
         const float dw0 = load_f16(blk0), dw1 = load_f16(blk1);
         const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(dw0), _mm256_set1_ps(dw1), 1);
         if constexpr (F::kMin) {
-            const __m128 sa = _mm_loadu_ps(a.s_t + b * a.n + a0);
-            summs[0] = _mm_fmadd_ps(_mm_set1_ps(load_f16(blk0 + 2)), sa, summs[0]);
-            summs[1] = _mm_fmadd_ps(_mm_set1_ps(load_f16(blk1 + 2)), sa, summs[1]);
+            const __m128 m0 = _mm_set1_ps(load_f16(blk0 + 2)), m1 = _mm_set1_ps(load_f16(blk1 + 2));
+            for (int q = 0; q < NQ; ++q) {
+                const __m128 sa = _mm_loadu_ps(a.s_t + b * a.n + a0 + 4 * q);
+                summs[0][q] = _mm_fmadd_ps(m0, sa, summs[0][q]);
+                summs[1][q] = _mm_fmadd_ps(m1, sa, summs[1][q]);
+            }
         }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int i = 0; i < NA; ++i) {
             const __m512i av = _mm512_broadcast_i64x4(loadu256(aq + i * cols + b * QK));
             const __m512i lanes0 = F::kBias != 0 ? _mm512_broadcast_i64x4(loadu256(start + i * (cols / 4) + b * 8))
@@ -331,8 +338,10 @@ void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, 
         }
     }
     alignas(16) float m[2][NA];
-    _mm_store_ps(m[0], summs[0]);
-    _mm_store_ps(m[1], summs[1]);
+    for (int q = 0; q < NQ; ++q) {
+        _mm_store_ps(m[0] + 4 * q, summs[0][q]);
+        _mm_store_ps(m[1] + 4 * q, summs[1][q]);
+    }
     for (int i = 0; i < NA; ++i) {
         const float s0 = hsum_ps(_mm512_castps512_ps256(acc[i]));
         const float s1 = hsum_ps(_mm512_extractf32x8_ps(acc[i], 1));
@@ -341,6 +350,7 @@ void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, 
     }
 }
 #define HL_TILE32 tile32_pair512
+#define HL_TILE32_VNNI512 1
 #else
 #define HL_TILE32 tile32
 #endif
@@ -1042,13 +1052,35 @@ MatvecKernel get_matvec_kernel_avx2(int type, int kind) {
     }
 }
 
+TileKernel get_wide_tile_kernel_avx2(int type, int kind) {
+#if defined(HL_TILE32_VNNI512)
+    if (kind != act_kind_for(type)) return nullptr;
+    switch (type) {
+        case T_Q4_1: return tile32_pair512<Fmt4_1, WIDE_NA>;
+        case T_Q5_0: return tile32_pair512<Fmt5_0, WIDE_NA>;
+        case T_Q5_1: return tile32_pair512<Fmt5_1, WIDE_NA>;
+        case T_Q8_0: return tile32_pair512<Fmt8_0, WIDE_NA>;
+        default: return nullptr;
+    }
+#else
+    // The 256-bit tile's 2 x 8 accumulators would not fit the 16 vector registers.
+    (void)type, (void)kind;
+    return nullptr;
+#endif
+}
+
 TileKernel get_tile_kernel_avx2(int type, int kind) {
     if (kind != act_kind_for(type)) return nullptr;
     switch (type) {
         case T_Q4_1: return HL_TILE32<Fmt4_1>;
         case T_Q5_0: return HL_TILE32<Fmt5_0>;
         case T_Q5_1: return HL_TILE32<Fmt5_1>;
-        default: return nullptr;  // Q8_0 has no unsigned codes; Q4_0's order is a scalar chain
+#if defined(HL_TILE32_VNNI512)
+        // Q8_0 dots its codes + 128 from start lanes -128 * (lane sums): exact in vpdpbusd's int32
+        // lanes, but over maddubs' int16 pairs (255 * 127 * 2), so the AVX2 tile cannot take it.
+        case T_Q8_0: return HL_TILE32<Fmt8_0>;
+#endif
+        default: return nullptr;  // Q4_0's order is a scalar chain
     }
 }
 
@@ -1068,6 +1100,7 @@ RowKernel get_kernel_avx2(int type, int na, int kind) {
 bool have_simd_kernels() { return false; }
 RowKernel get_kernel_avx2(int, int, int) { return nullptr; }
 TileKernel get_tile_kernel_avx2(int, int) { return nullptr; }
+TileKernel get_wide_tile_kernel_avx2(int, int) { return nullptr; }
 MatvecKernel get_matvec_kernel_avx2(int, int) { return nullptr; }
 
 #endif

@@ -22,9 +22,10 @@ from hybridllm.model import Model, PyBlock
 _core = pytest.importorskip("hybridllm._core")
 
 # Sequences of one batch as (prompt length, then decode steps): a short prompt, a prompt of
-# more than one 64-row panel, one of 65 rows (a last panel of one row), a single token, and
-# prompts of 2..4 rows (decode-sized panels of their own).
-PROMPT_LENGTHS = (7, 130, 65, 1, 3, 12)
+# more than one 64-row panel, one of 65 rows (a last panel of one row), single tokens, and
+# prompts of 2..4 rows (decode-sized panels of their own). 18 sequences: their decode rows fill
+# a panel of 16 (two wide tiles of 8 rows) and one of 2.
+PROMPT_LENGTHS = (7, 130, 65, 1, 3, 12, 2, 5, 1, 4, 1, 6, 3, 1, 2, 8, 1, 2)
 N_CTX = 160
 
 

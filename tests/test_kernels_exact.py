@@ -145,7 +145,7 @@ def cpp_backend(request: pytest.FixtureRequest):
         _core.set_force_scalar(False)
 
 
-@pytest.mark.parametrize("n", [1, 2, 5, 9])
+@pytest.mark.parametrize("n", [1, 2, 5, 9, 16])
 def test_q4_1_matches_llama_cpp_bits(cpp_backend: str, n: int) -> None:
     rows, cols = 67, 2048 + 96  # an odd number of blocks, not a multiple of 8 or 16
     raw = random_blocks(Q.Q4_1, rows, cols, seed=n)
@@ -155,7 +155,7 @@ def test_q4_1_matches_llama_cpp_bits(cpp_backend: str, n: int) -> None:
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
 
 
-@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("n", [1, 3, 9, 16])  # 9 and 16: the 512-bit tiles of 4 and 8 rows
 def test_q8_0_matches_llama_cpp_vec_dot_bits(n: int) -> None:
     if "cpp" not in kernels.available_backends():
         pytest.skip("hybridllm._core is not built")
