@@ -181,9 +181,9 @@ class PyBlock:
         (block, pos0, n) cover x's rows in order, each block this layer's block of one sequence.
 
         Consecutive one-row segments (decode steps) run as one pass where the backend has
-        `matmul_rows_alone` (the CPU's): each weight is read once for all of them, each row
-        computed as if alone. Other segments (prompt chunks; every segment on backends without
-        it) run as their own forward on their rows, a view of x.
+        `matmul_rows_alone` (the CPU's and the CUDA backend's): each weight is read once for all
+        of them, each row computed as if alone. Other segments (prompt chunks; every segment on
+        backends without it) run as their own forward on their rows, a view of x.
         """
         if sum(n for _, _, n in segments) != x.shape[0]:
             raise ValueError(f"the segments cover {sum(n for _, _, n in segments)} rows, x has {x.shape[0]}")
@@ -256,8 +256,7 @@ class PyBlock:
             args = (q[rng], block.k_cache, block.v_cache, pos0, c["sliding_window"], c["attn_scale"])
             outs.append(be.attention(*args, softcap=cap) if cap else be.attention(*args))
             row += rows
-        # several sequences only on host backends (see forward_batch): numpy joins their rows
-        o = outs[0] if len(outs) == 1 else np.concatenate(outs)
+        o = outs[0] if len(outs) == 1 else be.concat_rows(outs)
         return matmul(w["attn_output"], o)
 
     def _projection(self, name: str, h: Any, matmul: Callable) -> Any:
@@ -408,7 +407,8 @@ class Model:
         its own KV cache (engine.model_with_own_cache), each at most once. Every weight is read
         once for all the rows, and each sequence's logits equal model.forward(tokens, pos0)[-1]
         for that sequence alone, bit for bit (the C++ block cuts its work so that no row's
-        arithmetic depends on the others; PyBlock runs the sequences one after another).
+        arithmetic depends on the others; PyBlock computes decode rows with the backend's
+        matmul_rows_alone and prompt chunks one after another).
         """
         if not segments:
             raise ValueError("no sequences to evaluate")

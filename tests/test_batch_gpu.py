@@ -9,7 +9,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as Q
+from test_kernels import random_raw
 
+from hybridllm.backends.cpu import Matrix
 from hybridllm.engine import Engine, Finished, Piece, Request, SamplingState, model_with_own_cache
 from hybridllm.runner import Runner
 from hybridllm.sampling import Sampler
@@ -39,6 +42,47 @@ def test_gpu_blocks_batched_equal_alone(device: Any, tiny_llama_path: str, n_gpu
             assert np.array_equal(a, b), f"step {step}, sequence {i}"
         pos = [p + len(t) for p, t in zip(pos, work, strict=True)]
         work = [[int(np.argmax(logits))] for logits in want]
+
+
+def test_gpu_decode_rows_share_one_product_per_weight(
+    device: Any, tiny_llama_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three sequences' decode rows through a GPU block: one matmul_rows_alone per weight
+    matrix (7 a block) for all three, no per-sequence products; a prompt chunk beside them
+    gets its own plain ones."""
+    runner = Runner(tiny_llama_path, n_ctx=48, n_threads=2, n_gpu_layers="all")
+    model = runner.model
+    clones = [model_with_own_cache(model) for _ in range(4)]
+    backend = model.blocks[0].backend
+    assert type(backend).__name__ == "CudaBackend"
+    calls = {"matmul": 0, "matmul_rows_alone": 0}
+    for name in calls:
+        method = getattr(backend, name)
+
+        def counted(w, x, name=name, method=method):  # noqa: ANN001, ANN202
+            calls[name] += 1
+            return method(w, x)
+
+        monkeypatch.setattr(backend, name, counted)
+    x = backend.from_host(model.embed([1, 2, 3, 4, 5]))
+    model.blocks[0].forward_batch(x, [(c.blocks[0], 0, 1) for c in clones[:3]] + [(clones[3].blocks[0], 0, 2)])
+    assert calls == {"matmul": 7, "matmul_rows_alone": 7}
+
+
+@pytest.mark.parametrize("qtype", ["q4_1", "q4_k", "f16"])
+def test_cuda_rows_alone_equal_one_row_products(device: Any, qtype: str) -> None:
+    """matmul_rows_alone on 40 rows (above MMVQ_MAX_ROWS, where matmul takes other kernels)
+    equals 40 one-row products, bit for bit."""
+    from hybridllm.backends.cuda import MMVQ_MAX_ROWS, CudaBackend  # after the device fixture
+
+    qt = {"q4_1": Q.Q4_1, "q4_k": Q.Q4_K, "f16": Q.F16}[qtype]
+    rows, cols, n = 24, 256, MMVQ_MAX_ROWS + 8
+    be = CudaBackend()
+    w = be.load_matrix(Matrix(random_raw(qt, rows, cols, seed=5), int(qt), rows, cols))
+    x = be.from_host(np.random.default_rng(6).standard_normal((n, cols)).astype(np.float32))
+    together = be.to_host(be.matmul_rows_alone(w, x))
+    alone = np.concatenate([be.to_host(be.matmul(w, x[i : i + 1])) for i in range(n)])
+    assert np.array_equal(together, alone)
 
 
 def test_engine_over_gpu_blocks_equals_runner(device: Any, tiny_llama_path: str) -> None:

@@ -19,6 +19,7 @@ on-disk cache freezes globals, and the same cache serves a native and an AVX2 co
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -171,6 +172,10 @@ class CpuBackend:
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         """x += y in place (the residual stream)."""
         np.add(x, y, out=x)
+
+    def concat_rows(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        """Row blocks (n_i, width) -> one new (sum n_i, width) array."""
+        return np.concatenate(parts)
 
 
 # --- rope ---------------------------------------------------------------------------------

@@ -253,11 +253,8 @@ class CudaBackend:
     @_device_errors
     def matmul(self, w: Matrix, x: Any) -> Any:
         """x (n, cols) @ W.T -> (n, rows) float32."""
-        x = self._f32(x)
-        n, k = x.shape
-        if k != w.cols:
-            raise ValueError(f"matmul: x has {k} columns, the matrix {w.rows}x{w.cols}")
-        out = cp.empty((n, w.rows), cp.float32)
+        x, out = self._product(w, x)
+        n = x.shape[0]
         if w.qtype in QUANT_KERNELS:
             if n > MMVQ_MAX_ROWS and self._dequantizes(w.qtype):
                 self._gemm(w, x, out)
@@ -269,6 +266,28 @@ class CudaBackend:
             self._matvec(w, x, out)
         else:
             self._gemm(w, x, out)
+        return out
+
+    @_device_errors
+    def matmul_rows_alone(self, w: Matrix, x: Any) -> Any:
+        """As matmul, each row computed as a one-row call computes it (the decode rows of several
+        sequences): the kernels of n = 1 at any n. Their outputs do not depend on the other rows
+        (mmq32 gives each output a group of its own, mmvq an accumulator of its own), unlike the
+        K-quant mmq tiles and cuBLAS that matmul takes for more rows."""
+        x, out = self._product(w, x)
+        if w.qtype in QUANT_KERNELS and w.qtype not in K_QUANTS:
+            self._mmq(w, x, out)
+        else:
+            self._matvec(w, x, out)
+        return out
+
+    def concat_rows(self, parts: Sequence[Any]) -> Any:
+        """Row blocks (n_i, width) -> one new (sum n_i, width) array."""
+        out = cp.empty((sum(p.shape[0] for p in parts), parts[0].shape[1]), parts[0].dtype)
+        row = 0
+        for p in parts:
+            out[row : row + p.shape[0]] = p
+            row += p.shape[0]
         return out
 
     @_device_errors
@@ -373,6 +392,14 @@ class CudaBackend:
             self._step_position, self._x_cache = None, None
 
     # --- matmul paths -------------------------------------------------------------------
+    def _product(self, w: Matrix, x: Any) -> tuple[Any, Any]:
+        """x as f32 (n, cols) and the output (n, rows) of x @ W.T, checking the shapes."""
+        x = self._f32(x)
+        n, k = x.shape
+        if k != w.cols:
+            raise ValueError(f"matmul: x has {k} columns, the matrix {w.rows}x{w.cols}")
+        return x, cp.empty((n, w.rows), cp.float32)
+
     def _matvec(self, w: Matrix, x: Any, out: Any) -> None:
         """Matrix-vector kernels of the K-quants and float types, 8 activation rows per launch
         (1 when there is only one)."""
