@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -124,7 +126,10 @@ def start_llama_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]
                "--port", str(port), "-np", str(args.parallel), "-c", str(args.ctx * args.parallel)]  # fmt: skip
     if args.threads:
         command += ["-t", str(args.threads)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its log goes to a file (named if the run fails): it writes a line per request
+    log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = log.name  # type: ignore[attr-defined]
     return wait_ready(proc, f"http://127.0.0.1:{port}")
 
 
@@ -196,10 +201,18 @@ def main() -> int:
                 print(text, flush=True)
         lost = [r for r in rows if r["completed"] != r["requests"] or r["duplicated ids"]]
         return 1 if lost else 0
+    except BaseException:
+        for proc in procs:  # which server failed, and where llama-server's log is kept
+            state = "running" if proc.poll() is None else f"exited with {proc.returncode}"
+            print(f"{proc.args[0]}: {state}; log: {getattr(proc, 'log_path', 'above')}", file=sys.stderr)
+            proc.log_path = None  # type: ignore[attr-defined]
+        raise
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=30)
+            if getattr(proc, "log_path", None):
+                os.unlink(proc.log_path)
 
 
 if __name__ == "__main__":
