@@ -318,10 +318,13 @@ void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, 
             prefetch_ahead(blk1, 16 * kB);
         }
         const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(F::ucodes(blk0)), F::ucodes(blk1), 1);
-        const float dw0 = load_f16(blk0), dw1 = load_f16(blk1);
-        const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(dw0), _mm256_set1_ps(dw1), 1);
+        // Both rows' (d, m) halves in one convert: [d0 m0 d1 m1] (m only for the formats with one).
+        const __m128 dm = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(static_cast<int>(load_u32(blk0))),
+                                                        static_cast<int>(load_u32(blk1)), 1));
+        const __m512 dw = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
+                                                _mm512_castps128_ps512(dm));
         if constexpr (F::kMin) {
-            const __m128 m0 = _mm_set1_ps(load_f16(blk0 + 2)), m1 = _mm_set1_ps(load_f16(blk1 + 2));
+            const __m128 m0 = _mm_permute_ps(dm, 0x55), m1 = _mm_permute_ps(dm, 0xff);
             for (int q = 0; q < NQ; ++q) {
                 const __m128 sa = _mm_loadu_ps(a.s_t + b * a.n + a0 + 4 * q);
                 summs[0][q] = _mm_fmadd_ps(m0, sa, summs[0][q]);
