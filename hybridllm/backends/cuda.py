@@ -281,6 +281,7 @@ class CudaBackend:
             self._matvec(w, x, out)
         return out
 
+    @_device_errors
     def concat_rows(self, parts: Sequence[Any]) -> Any:
         """Row blocks (n_i, width) -> one new (sum n_i, width) array."""
         out = cp.empty((sum(p.shape[0] for p in parts), parts[0].shape[1]), parts[0].dtype)
