@@ -352,10 +352,7 @@ void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, 
         out[i * os + 1] = F::kMin ? s1 + m[1][i] : s1;
     }
 }
-#define HL_TILE32 tile32_pair512
-#define HL_TILE32_VNNI512 1
-#else
-#define HL_TILE32 tile32
+#define HL_TILE32_VNNI512 1  // tile_for picks tile32_pair512
 #endif
 
 // Matvec of the 32-block formats, MATVEC_NR rows side by side: the same arithmetic as dot32
@@ -1055,36 +1052,37 @@ MatvecKernel get_matvec_kernel_avx2(int type, int kind) {
     }
 }
 
-TileKernel get_wide_tile_kernel_avx2(int type, int kind) {
+// The tile of `type` with NA activation rows, or nullptr. Q4_0 has none (its order is a scalar
+// chain). Q8_0 dots its codes + 128 from start lanes -128 * (lane sums): exact in vpdpbusd's int32
+// lanes, but over maddubs' int16 pairs (255 * 127 * 2), so only the 512-bit tile takes it. The
+// 256-bit tile has no wide form: its 2 x 8 accumulators would not fit the 16 vector registers.
+template <int NA>
+TileKernel tile_for(int type) {
 #if defined(HL_TILE32_VNNI512)
-    if (kind != act_kind_for(type)) return nullptr;
     switch (type) {
-        case T_Q4_1: return tile32_pair512<Fmt4_1, WIDE_NA>;
-        case T_Q5_0: return tile32_pair512<Fmt5_0, WIDE_NA>;
-        case T_Q5_1: return tile32_pair512<Fmt5_1, WIDE_NA>;
-        case T_Q8_0: return tile32_pair512<Fmt8_0, WIDE_NA>;
+        case T_Q4_1: return tile32_pair512<Fmt4_1, NA>;
+        case T_Q5_0: return tile32_pair512<Fmt5_0, NA>;
+        case T_Q5_1: return tile32_pair512<Fmt5_1, NA>;
+        case T_Q8_0: return tile32_pair512<Fmt8_0, NA>;
         default: return nullptr;
     }
 #else
-    // The 256-bit tile's 2 x 8 accumulators would not fit the 16 vector registers.
-    (void)type, (void)kind;
-    return nullptr;
+    if constexpr (NA != MAX_NA) return nullptr;
+    switch (type) {
+        case T_Q4_1: return tile32<Fmt4_1>;
+        case T_Q5_0: return tile32<Fmt5_0>;
+        case T_Q5_1: return tile32<Fmt5_1>;
+        default: return nullptr;
+    }
 #endif
 }
 
+TileKernel get_wide_tile_kernel_avx2(int type, int kind) {
+    return kind == act_kind_for(type) ? tile_for<WIDE_NA>(type) : nullptr;
+}
+
 TileKernel get_tile_kernel_avx2(int type, int kind) {
-    if (kind != act_kind_for(type)) return nullptr;
-    switch (type) {
-        case T_Q4_1: return HL_TILE32<Fmt4_1>;
-        case T_Q5_0: return HL_TILE32<Fmt5_0>;
-        case T_Q5_1: return HL_TILE32<Fmt5_1>;
-#if defined(HL_TILE32_VNNI512)
-        // Q8_0 dots its codes + 128 from start lanes -128 * (lane sums): exact in vpdpbusd's int32
-        // lanes, but over maddubs' int16 pairs (255 * 127 * 2), so the AVX2 tile cannot take it.
-        case T_Q8_0: return HL_TILE32<Fmt8_0>;
-#endif
-        default: return nullptr;  // Q4_0's order is a scalar chain
-    }
+    return kind == act_kind_for(type) ? tile_for<MAX_NA>(type) : nullptr;
 }
 
 RowKernel get_kernel_avx2(int type, int na, int kind) {

@@ -180,25 +180,23 @@ class PyBlock:
         """The rows of several sequences, `_core.Block.forward_batch`'s contract: segments
         (block, pos0, n) cover x's rows in order, each block this layer's block of one sequence.
 
-        Consecutive one-row segments (decode steps) run as one pass where the backend has
-        `matmul_rows_alone` (the CPU's and the CUDA backend's): each weight is read once for all
-        of them, each row computed as if alone. Other segments (prompt chunks; every segment on
-        backends without it) run as their own forward on their rows, a view of x.
+        Consecutive one-row segments (decode steps) run as one pass with the backend's
+        `matmul_rows_alone`: each weight is read once for all of them, each row computed as if
+        alone. Other segments (prompt chunks) run as their own forward on their rows, a view of x.
         """
         if sum(n for _, _, n in segments) != x.shape[0]:
             raise ValueError(f"the segments cover {sum(n for _, _, n in segments)} rows, x has {x.shape[0]}")
-        rows_alone = getattr(self.backend, "matmul_rows_alone", None)
         row, i = 0, 0
         while i < len(segments):
             j = i
-            while rows_alone is not None and j < len(segments) and segments[j][2] == 1:
+            while j < len(segments) and segments[j][2] == 1:
                 j += 1
             if j - i >= 2:
                 steps = segments[i:j]
                 for block, pos0, _ in steps:
                     if pos0 + 1 > block.n_ctx:
                         raise ContextFullError(f"position {pos0} exceeds n_ctx={block.n_ctx}")
-                self._run(x[row : row + len(steps)], steps, rows_alone)
+                self._run(x[row : row + len(steps)], steps, self.backend.matmul_rows_alone)
                 row, i = row + len(steps), j
             else:
                 block, pos0, n = segments[i]
@@ -363,18 +361,14 @@ class Model:
         """Final norm and head: hidden rows (m, dim) -> logits (m, n_vocab) float32 on the host.
 
         rows_alone: the rows belong to different sequences; each row's logits are then exactly
-        those of that row alone (one pass over the head where the backend can, else row by row).
+        those of that row alone (one pass over the head with the backend's matmul_rows_alone).
         """
         be, cfg = self.head_backend, self.config
         h = be.rms_norm(be.from_host(x), self.output_norm, cfg.norm_eps)
         if not rows_alone or x.shape[0] == 1:
             out = be.matmul(self.head, h)
-        elif hasattr(be, "matmul_rows_alone"):
-            out = be.matmul_rows_alone(self.head, h)
         else:
-            out = be.from_host(
-                np.concatenate([be.to_host(be.matmul(self.head, h[i : i + 1])) for i in range(h.shape[0])])
-            )
+            out = be.matmul_rows_alone(self.head, h)
         return _scale_logits(be.to_host(out), cfg.logit_scale, cfg.final_softcap)
 
     def forward(self, tokens: Sequence[int], pos0: int = 0, first_logit: int = -1) -> np.ndarray:

@@ -134,14 +134,8 @@ def test_forward_batch_rejects_bad_segments(tiny_llama_path: str, tiny_gemma3_pa
         block.forward_batch(x, [a.blocks[0]])
 
 
-def test_pyblock_reads_each_weight_once_for_decode_rows(
-    tiny_llama_path: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Four sequences' decode rows: one product per weight matrix for all four (7 a block),
-    each row as if alone; a prompt chunk beside them gets its own plain products."""
-    monkeypatch.setenv("HYBRIDLLM_BLOCK", "python")
-    model, clones = _models(tiny_llama_path, 5)
-    backend = model.blocks[0].backend
+def count_products(backend: object, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of the backend's matmul and matmul_rows_alone calls from now on (updated live)."""
     calls = {"matmul": 0, "matmul_rows_alone": 0}
     for name in calls:
         method = getattr(backend, name)
@@ -151,6 +145,17 @@ def test_pyblock_reads_each_weight_once_for_decode_rows(
             return method(w, x)
 
         monkeypatch.setattr(backend, name, counted)
+    return calls
+
+
+def test_pyblock_reads_each_weight_once_for_decode_rows(
+    tiny_llama_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four sequences' decode rows: one product per weight matrix for all four (7 a block),
+    each row as if alone; a prompt chunk beside them gets its own plain products."""
+    monkeypatch.setenv("HYBRIDLLM_BLOCK", "python")
+    model, clones = _models(tiny_llama_path, 5)
+    calls = count_products(model.blocks[0].backend, monkeypatch)
     block = model.blocks[0]
     x = model.embed([1, 2, 3, 4, 5, 6, 7])
     block.forward_batch(x, [(c.blocks[0], 0, 1) for c in clones[:4]] + [(clones[4].blocks[0], 0, 3)])

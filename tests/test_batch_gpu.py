@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+from test_batch import count_products
 from test_kernels import random_raw
 
 from hybridllm.backends.cpu import Matrix
@@ -55,27 +56,18 @@ def test_gpu_decode_rows_share_one_product_per_weight(
     clones = [model_with_own_cache(model) for _ in range(4)]
     backend = model.blocks[0].backend
     assert type(backend).__name__ == "CudaBackend"
-    calls = {"matmul": 0, "matmul_rows_alone": 0}
-    for name in calls:
-        method = getattr(backend, name)
-
-        def counted(w, x, name=name, method=method):  # noqa: ANN001, ANN202
-            calls[name] += 1
-            return method(w, x)
-
-        monkeypatch.setattr(backend, name, counted)
+    calls = count_products(backend, monkeypatch)
     x = backend.from_host(model.embed([1, 2, 3, 4, 5]))
     model.blocks[0].forward_batch(x, [(c.blocks[0], 0, 1) for c in clones[:3]] + [(clones[3].blocks[0], 0, 2)])
     assert calls == {"matmul": 7, "matmul_rows_alone": 7}
 
 
-@pytest.mark.parametrize("qtype", ["q4_1", "q4_k", "f16"])
-def test_cuda_rows_alone_equal_one_row_products(device: Any, qtype: str) -> None:
+@pytest.mark.parametrize("qt", [Q.Q4_1, Q.Q4_K, Q.F16], ids=lambda t: t.name)
+def test_cuda_rows_alone_equal_one_row_products(device: Any, qt: Q) -> None:
     """matmul_rows_alone on 40 rows (above MMVQ_MAX_ROWS, where matmul takes other kernels)
     equals 40 one-row products, bit for bit."""
     from hybridllm.backends.cuda import MMVQ_MAX_ROWS, CudaBackend  # after the device fixture
 
-    qt = {"q4_1": Q.Q4_1, "q4_k": Q.Q4_K, "f16": Q.F16}[qtype]
     rows, cols, n = 24, 256, MMVQ_MAX_ROWS + 8
     be = CudaBackend()
     w = be.load_matrix(Matrix(random_raw(qt, rows, cols, seed=5), int(qt), rows, cols))
