@@ -15,12 +15,16 @@ its new tokens. Requests beyond the slots wait in a bounded queue, in arrival or
 The scheduler runs in its own thread (the forward is C++ that releases the GIL, so an event
 loop in another thread stays responsive). Each tick it samples one token for every decoding
 sequence (round robin), then evaluates those tokens plus at most `prefill_chunk` tokens of the
-prompts being prefilled, so a long prompt never freezes the other streams.
+prompts being prefilled, so a long prompt never freezes the other streams. Without the thread
+(`Runner`, one conversation on one slot over the model's own cache), `generate` drives the same
+scheduler tick by tick on the caller's thread.
 `_evaluate` runs the tick's rows, every sequence at its own positions in its own cache, as one
 batched forward (`Model.forward_batch`): each weight is read once per tick for all the streams,
 and each sequence's logits are bit for bit those of its evaluation alone, so a request's tokens
-do not depend on what else is served. Results come back through each request's `emit(event)` callback, called on the
-engine thread: `Piece` (text and the tokens behind it) and finally `Finished` or `Failed`.
+do not depend on what else is served. Results come back through each request's `emit(event)`
+callback, called on the engine thread: `Piece` (text and the tokens behind it) and finally
+`Finished` or `Failed`. A sequence whose slot is full either ends (reason "context") or, with
+`context_shift`, drops the older half of its tokens after the first n_keep and goes on.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .errors import ContextFullError
 from .generate import StopStrings, common_prefix
 from .model import PyBlock, block_cfg, block_weights
 from .sampling import Sampler
@@ -109,18 +114,22 @@ class Usage:
     completion_tokens: int
     cached_tokens: int  # prompt tokens reused from the slot's cache (not evaluated)
     prompt_seconds: float
-    generation_seconds: float
+    generation_seconds: float  # the ticks the sequence decoded in (sampling and forwards)
+    context_shifts: int = 0  # times a full slot dropped old tokens to go on
 
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # "stop" (end of generation token or stop string), "length", "cancelled"
+    # "eos" (an end-of-generation token), "stop" (a stop string, or the constraint complete),
+    # "length" (max_tokens), "context" (the slot is full and context_shift is off), "cancelled"
+    reason: str
     usage: Usage
 
 
 @dataclass(frozen=True)
 class Failed:
     message: str
+    error: BaseException | None = None  # what was raised, for a caller that re-raises it
 
 
 Event = Piece | Finished | Failed
@@ -141,6 +150,10 @@ class Request:
     # cache_prompt). Logits after a reused prefix can differ from a fresh evaluation in the last
     # bits (the rows go through other kernel splits, as in llama.cpp), which sampling can amplify.
     reuse_prefix: bool = True
+    # A full slot keeps its first n_keep tokens (None: the prompt when it fills at most half the
+    # context, else 1; -1: the whole prompt), drops half of the rest and goes on.
+    context_shift: bool = False
+    n_keep: int | None = None
 
 
 class RequestHandle:
@@ -168,6 +181,32 @@ class Slot:
     def n_ctx(self) -> int:
         return int(self.model.n_ctx)
 
+    def evaluate(self, tokens: Sequence[int], pos0: int, first_logit: int = -1) -> np.ndarray:
+        """Evaluate tokens at positions pos0.. (<= the tokens held, which are cut there) ->
+        the logits of rows first_logit.. (n, n_vocab) float32, as model.forward gives them."""
+        if not 0 <= pos0 <= len(self.tokens):
+            raise ValueError(f"pos0={pos0}: the slot holds {len(self.tokens)} tokens")
+        if pos0 + len(tokens) > self.n_ctx:
+            raise ContextFullError(f"{pos0 + len(tokens)} tokens do not fit in n_ctx={self.n_ctx}")
+        del self.tokens[pos0:]
+        logits = self.model.forward(list(tokens), pos0, first_logit)
+        self.tokens.extend(tokens)
+        return logits
+
+    def shift(self, n_keep: int) -> None:
+        """Drop the older half of the tokens after the first n_keep; the rest move down.
+
+        The first n_keep stay in the cache as they are; the tokens after the dropped ones are
+        evaluated again at their new positions (instead of re-roping their cached keys):
+        slower, but exactly what a fresh run on the kept tokens gives.
+        """
+        n_keep = max(0, min(n_keep, len(self.tokens) - 1))
+        n_discard = max(1, (len(self.tokens) - n_keep) // 2)
+        rest = self.tokens[n_keep + n_discard :]
+        del self.tokens[n_keep:]
+        if rest:
+            self.evaluate(rest, n_keep)
+
 
 class _Sequence:
     """An admitted request's progress in its slot."""
@@ -187,6 +226,12 @@ class _Sequence:
         self.unsent: list[TokenInfo] = []
         self.t_start = time.perf_counter()
         self.prompt_seconds = 0.0
+        self.decode_seconds = 0.0  # the ticks since the prompt, up to the last one's start
+        self.shifts = 0
+        n_keep = self.request.n_keep
+        if n_keep is None:
+            n_keep = len(prompt) if len(prompt) <= slot.n_ctx // 2 else 1
+        self.n_keep = len(prompt) if n_keep == -1 else n_keep
 
 
 class Engine:
@@ -199,19 +244,25 @@ class Engine:
         n_slots: int = 1,
         max_queue: int = 64,
         prefill_chunk: int = PREFILL_CHUNK,
+        slot_models: Sequence[Any] | None = None,
     ) -> None:
-        """model: a loaded `Model`; each slot gets blocks with a KV cache of n_ctx rows."""
+        """model: a loaded `Model`; each of n_slots slots gets blocks with a KV cache of n_ctx
+        rows of its own. slot_models instead gives the slots' models (the Runner's one slot is
+        its model's own cache); model.forward_batch must take them as its segments' models."""
+        if slot_models is not None:
+            n_slots = len(slot_models)
         if n_slots < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("n_slots and prefill_chunk must be >= 1, max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
-        # Every slot has a cache of its own, the model's included: the caller (a Runner) may
-        # still evaluate on the model's own cache.
-        self.slots = [Slot(i, model_with_own_cache(model)) for i in range(n_slots)]
+        if slot_models is None:
+            slot_models = [model_with_own_cache(model) for _ in range(n_slots)]
+        self.slots = [Slot(i, m) for i, m in enumerate(slot_models)]
         self.n_ctx = int(model.n_ctx)
         self._waiting: deque[RequestHandle] = deque()
         self._active: list[_Sequence] = []
         self._prefill_turn = 0  # round robin among sequences still prefilling
+        self._tick_start: float | None = None  # while a tick runs: when it began
         self._clock = itertools.count(1)
         self._wake = threading.Condition()
         self._stopping = False
@@ -235,9 +286,9 @@ class Engine:
         if not request.prompt:
             raise ValueError("the prompt has no tokens")
         if len(request.prompt) > self.n_ctx:
-            raise ValueError(
-                f"the prompt has {len(request.prompt)} tokens, more than the context of "
-                f"{self.n_ctx} tokens per slot holds"
+            raise ContextFullError(
+                f"the prompt has {len(request.prompt)} tokens, more than n_ctx={self.n_ctx} "
+                "holds; shorten it or use a larger n_ctx"
             )
         handle = RequestHandle(self, request)
         with self._wake:
@@ -275,22 +326,44 @@ class Engine:
         return len(self._waiting)
 
     def generate(self, request_args: dict[str, Any]) -> Iterator[Event]:
-        """Submit a request and yield its events on this thread (for scripts and tests);
-        request_args are Request's fields but emit."""
+        """Submit a request and yield its events on this thread; request_args are Request's
+        fields but emit. With the engine thread started the events come from it; without, each
+        `next` runs the scheduler here until the next event (closing the iterator early
+        cancels the request and frees its slot)."""
         import queue
 
         events: queue.Queue[Event] = queue.Queue()
         handle = self.submit(Request(emit=events.put, **request_args))
         try:
             while True:
+                while self._thread is None and events.empty():
+                    self.step()
                 event = events.get()
                 yield event
                 if not isinstance(event, Piece):
                     return
         finally:
             handle.cancel()
+            if self._thread is None:
+                with self._wake:
+                    self._drop_cancelled()
 
-    # --- the scheduler (engine thread) --------------------------------------------------------
+    # --- the scheduler (engine thread, or the caller's through generate) ----------------------
+    def step(self) -> None:
+        """One round of the scheduler: drop cancelled requests, admit waiting ones into free
+        slots, then one tick for the active sequences (none when there are none)."""
+        with self._wake:
+            self._drop_cancelled()
+            self._admit()
+        if not self._active:
+            return
+        try:
+            self._tick()
+        except Exception as exc:  # noqa: BLE001 - a fault here must not stop the engine
+            for seq in list(self._active):
+                seq.slot.tokens.clear()
+                self._fail(seq, f"internal error: {type(exc).__name__}: {exc}", exc)
+
     def _loop(self) -> None:
         while True:
             with self._wake:
@@ -298,15 +371,7 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     break
-                self._drop_cancelled()
-                self._admit()
-            if self._active:
-                try:
-                    self._tick()
-                except Exception as exc:  # noqa: BLE001 - a fault here must not stop the engine
-                    for seq in list(self._active):
-                        seq.slot.tokens.clear()
-                        self._fail(seq, f"internal error: {type(exc).__name__}: {exc}")
+            self.step()
         with self._wake:
             for seq in list(self._active):
                 self._finish(seq, "cancelled")
@@ -335,22 +400,29 @@ class Engine:
     def _tick(self) -> None:
         """Sample one token for each decoding sequence, then evaluate those tokens and one
         prompt chunk together."""
-        work: list[tuple[_Sequence, list[int]]] = []
-        for seq in list(self._active):
-            if seq.logits is not None and not seq.handle.cancelled:
+        self._tick_start = start = time.perf_counter()
+        decoding = [s for s in self._active if s.logits is not None and not s.handle.cancelled]
+        try:
+            work: list[tuple[_Sequence, list[int]]] = []
+            for seq in decoding:
                 token = self._sample(seq)
                 if token is not None:
                     work.append((seq, [token]))
-        work.extend(self._prefill_chunks())
-        for (seq, _tokens), result in zip(work, self._evaluate(work), strict=True):
-            if isinstance(result, Exception):
-                seq.slot.tokens.clear()  # the cache may hold part of the failed rows
-                self._fail(seq, f"evaluation failed: {result}")
-                continue
-            if not seq.pending:
-                if seq.logits is None:  # the prompt's last chunk: prefill done
-                    seq.prompt_seconds = time.perf_counter() - seq.t_start
-                seq.logits = result
+            work.extend(self._prefill_chunks())
+            for (seq, _tokens), result in zip(work, self._evaluate(work), strict=True):
+                if isinstance(result, Exception):
+                    seq.slot.tokens.clear()  # the cache may hold part of the failed rows
+                    self._fail(seq, f"evaluation failed: {result}", result)
+                    continue
+                if not seq.pending:
+                    if seq.logits is None:  # the prompt's last chunk: prefill done
+                        seq.prompt_seconds = time.perf_counter() - seq.t_start
+                    seq.logits = result
+        finally:
+            self._tick_start = None
+        elapsed = time.perf_counter() - start
+        for seq in decoding:
+            seq.decode_seconds += elapsed
 
     def _prefill_chunks(self) -> list[tuple[_Sequence, list[int]]]:
         """This tick's prompt chunks: at most prefill_chunk tokens in all (but at least one
@@ -379,8 +451,8 @@ class Engine:
         segments = [(seq.slot.model, tokens, len(seq.slot.tokens)) for seq, tokens in work]
         try:
             logits = self.model.forward_batch(segments)
-        except Exception:  # noqa: BLE001 - find which sequence it was, below
-            return self._evaluate_each(work)
+        except Exception as exc:  # noqa: BLE001 - find which sequence it was, below
+            return [exc] if len(work) == 1 else self._evaluate_each(work)
         for seq, tokens in work:
             seq.slot.tokens.extend(tokens)
         return logits
@@ -388,14 +460,10 @@ class Engine:
     def _evaluate_each(self, work: list[tuple[_Sequence, list[int]]]) -> list[Any]:
         results: list[Any] = []
         for seq, tokens in work:
-            slot = seq.slot
             try:
-                logits = slot.model.forward(tokens, len(slot.tokens))[-1]
+                results.append(seq.slot.evaluate(tokens, len(seq.slot.tokens))[-1])
             except Exception as exc:  # noqa: BLE001 - one request's failure is its own
                 results.append(exc)
-                continue
-            slot.tokens.extend(tokens)
-            results.append(logits)
         return results
 
     def _sample(self, seq: _Sequence) -> int | None:
@@ -407,11 +475,11 @@ class Engine:
             token = req.sampling.choose(logits, seq.slot.tokens)
             complete = token not in req.stop_ids and req.sampling.accept(token)
         except Exception as exc:  # noqa: BLE001 - a constraint or sampler error ends this request
-            self._fail(seq, f"sampling failed: {exc}")
+            self._fail(seq, f"sampling failed: {exc}", exc)
             return None
         if token in req.stop_ids:
             self._flush(seq)
-            self._finish(seq, "stop")
+            self._finish(seq, "eos")
             return None
         seq.generated += 1
         seq.unsent.append(_token_info(token, logits, req.n_logprobs))
@@ -422,15 +490,28 @@ class Engine:
             return None
         if text:
             self._send_piece(seq, text)
-        out_of_room = len(seq.slot.tokens) >= seq.slot.n_ctx
-        if (
-            complete
-            or out_of_room
-            or (req.max_tokens is not None and seq.generated >= req.max_tokens)
-        ):
+        if complete or (req.max_tokens is not None and seq.generated >= req.max_tokens):
             hit = self._flush(seq)
             self._finish(seq, "stop" if hit or complete else "length")
             return None
+        if len(seq.slot.tokens) >= seq.slot.n_ctx:  # no room for the token just sampled
+            return self._make_room(seq, token)
+        return token
+
+    def _make_room(self, seq: _Sequence, token: int) -> int | None:
+        """The slot is full: shift its context (request.context_shift) and go on with token,
+        else end the sequence (reason "context") -> token, or None when it ended."""
+        if not seq.request.context_shift:
+            hit = self._flush(seq)
+            self._finish(seq, "stop" if hit else "context")
+            return None
+        try:
+            seq.slot.shift(seq.n_keep)
+        except Exception as exc:  # noqa: BLE001 - one request's failure is its own
+            seq.slot.tokens.clear()
+            self._fail(seq, f"evaluation failed: {exc}", exc)
+            return None
+        seq.shifts += 1
         return token
 
     def _flush(self, seq: _Sequence) -> bool:
@@ -447,20 +528,22 @@ class Engine:
         seq.unsent = []
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
-        elapsed = time.perf_counter() - seq.t_start
+        in_tick = self._tick_start is not None and seq.logits is not None
+        this_tick = time.perf_counter() - self._tick_start if in_tick else 0.0
         usage = Usage(
             prompt_tokens=len(seq.request.prompt),
             completion_tokens=seq.generated,
             cached_tokens=seq.cached,
             prompt_seconds=seq.prompt_seconds,
-            generation_seconds=max(elapsed - seq.prompt_seconds, 0.0) if seq.generated else 0.0,
+            generation_seconds=seq.decode_seconds + this_tick if seq.generated else 0.0,
+            context_shifts=seq.shifts,
         )
         self._release(seq)
         _send(seq.request, Finished(reason, usage))
 
-    def _fail(self, seq: _Sequence, message: str) -> None:
+    def _fail(self, seq: _Sequence, message: str, error: BaseException | None = None) -> None:
         self._release(seq)
-        _send(seq.request, Failed(message))
+        _send(seq.request, Failed(message, error))
 
     def _release(self, seq: _Sequence) -> None:
         if seq in self._active:

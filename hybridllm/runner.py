@@ -5,13 +5,15 @@
     r.generate("Name a colour as JSON: ", json_schema={"type": "object", ...})  # structured output
     for piece in r.chat([{"role": "user", "content": "Hi!"}], stream=True): print(piece, end="")
 
-A Runner holds one KV cache: calls on it run one at a time (finish or drop a stream before
-starting the next call). The cache remembers its tokens, so a prompt that extends the previous
-one (the next chat turn) evaluates only the new tokens.
+A Runner holds one KV cache, the one slot of an `Engine` that the Runner drives on the caller's
+thread (the server's engine runs the same scheduler over many slots). Calls on it run one at a
+time: starting a call ends a stream still open. The slot remembers its tokens, so a prompt that
+extends the previous one (the next chat turn) evaluates only the new tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -30,8 +32,15 @@ from .backends.cpu import CpuBackend
 from .backends.gpu_probe import GpuStatus, probe
 from .catalog import resolve_model
 from .constrain import Constraint, Grammar, compile_grammar
-from .errors import ConfigError, ContextLengthWarning, DeviceError, context_length_note
-from .generate import Context, GenerationStats, generate_text, generate_tokens
+from .engine import Engine, Failed, Finished, Piece, SamplingState
+from .errors import (
+    ConfigError,
+    ContextFullError,
+    ContextLengthWarning,
+    DeviceError,
+    context_length_note,
+)
+from .generate import GenerationStats
 from .gguf_file import ModelFile
 from .model import Model, core_block_class, gpu_unverified
 from .options import check, check_optional, check_stop, check_switch
@@ -90,7 +99,12 @@ class Runner:
         self._placement = placement
         self.model, self.plan, self.gpu_label = self._load_model(placement, progress)
         self.n_gpu_layers = self.plan.n_gpu_layers
-        self.context = Context(_ReplanningModel(self))
+        cache = _ReplanningModel(self)
+        # One conversation: its prompt goes through in one forward (no other stream to share
+        # ticks with), as Model.forward alone evaluates it.
+        self.engine = Engine(cache, self.tokenizer, prefill_chunk=self.n_ctx, slot_models=[cache])
+        self.slot = self.engine.slots[0]  # the KV cache and the tokens it holds
+        self._open_call: weakref.ref[Iterator[str]] | None = None  # a stream not yet finished
         self.seed = seed
         self._rng = np.random.default_rng(seed)
         self.last_stats = GenerationStats()
@@ -192,7 +206,8 @@ class Runner:
         ids = [int(i) for i in ids]
         if not ids:
             return np.zeros((0, self.n_vocab), dtype=np.float32)
-        return self.context.evaluate(ids, first_logit=0)
+        self._end_open_call()
+        return self.slot.evaluate(ids, 0, first_logit=0)
 
     def perplexity(self, text: str, n_ctx: int | None = None) -> float:
         """Perplexity of text, computed the way llama.cpp's llama-perplexity does.
@@ -213,11 +228,12 @@ class Runner:
                 f"the text has {len(tokens)} tokens; perplexity with n_ctx={n_ctx} needs at least {n_ctx}"
             )
         first, nll, count = n_ctx // 2, 0.0, 0
+        self._end_open_call()
         for i in range(n_chunks):
             chunk = tokens[i * n_ctx : (i + 1) * n_ctx]
             if self.tokenizer.add_bos and self.tokenizer.bos_id is not None:
                 chunk[0] = self.tokenizer.bos_id
-            logits = self.context.evaluate(chunk, first_logit=first)  # rows first..n_ctx-1
+            logits = self.slot.evaluate(chunk, 0, first_logit=first)  # rows first..n_ctx-1
             targets = np.asarray(tokens[i * n_ctx + first + 1 : (i + 1) * n_ctx])
             nll -= float(_log_softmax_at(logits[:-1], targets).sum())
             count += len(targets)
@@ -338,8 +354,6 @@ class Runner:
         context_shift = check_switch("context_shift", options.get("context_shift", False))
         ignore_eos = check_switch("ignore_eos", options.get("ignore_eos", False))
         n_keep = check_optional("n_keep", options.get("n_keep"))
-        if n_keep == -1:
-            n_keep = len(ids)
         call_seed = seed if seed is not None else int(self._rng.integers(2**63))
         sampler = Sampler.create(
             **sampling,
@@ -349,23 +363,52 @@ class Runner:
             frequency_penalty=options.get("frequency_penalty", 0.0),
             seed=call_seed,
         )
-        stop_ids = () if ignore_eos else self.tokenizer.eot_ids
         # Built here, not in the lazy generator: a grammar that fails raises at the call.
         constraint = None if constrained is None else self.constraint(constrained)
-        self.last_stats = stats = GenerationStats()
-        tokens = generate_tokens(
-            self.context,
-            ids,
-            sampler,
-            None if max_tokens == -1 else max_tokens,
-            stop_ids,
-            stats,
-            context_shift,
+        request = dict(
+            prompt=ids,
+            sampling=SamplingState(sampler, constraint),
+            max_tokens=None if max_tokens == -1 else max_tokens,
+            stop=stop,
+            stop_ids=() if ignore_eos else self.tokenizer.eot_ids,
+            context_shift=context_shift,
             n_keep=n_keep,
-            constraint=constraint,
         )
-        pieces = generate_text(tokens, self.tokenizer, stop, stats)
-        return pieces if stream else "".join(pieces)
+        self._end_open_call()
+        self.last_stats = stats = GenerationStats(prompt_tokens=len(ids))
+        pieces = self._pieces(request, stats)
+        if stream:
+            self._open_call = weakref.ref(pieces)
+            return pieces
+        return "".join(pieces)
+
+    def _pieces(self, request: dict[str, Any], stats: GenerationStats) -> Iterator[str]:
+        """Run the request on the Runner's slot -> its text pieces; stats filled at the end.
+        The engine's failures are raised as they were raised in it (a GrammarError, a
+        DeviceError); a full context without context_shift raises ContextFullError."""
+        with contextlib.closing(self.engine.generate(request)) as events:
+            for event in events:
+                if isinstance(event, Piece):
+                    stats.generated_tokens += len(event.tokens)
+                    if event.text:
+                        yield event.text
+                elif isinstance(event, Finished):
+                    _fill_stats(stats, event)
+                    if event.reason == "context":
+                        raise ContextFullError(
+                            f"the context is full after {stats.generated_tokens} generated tokens "
+                            f"(n_ctx={self.n_ctx}); context_shift=True keeps going, or use a "
+                            "larger n_ctx"
+                        )
+                elif isinstance(event, Failed):
+                    raise event.error if event.error is not None else RuntimeError(event.message)
+
+    def _end_open_call(self) -> None:
+        """Close a stream of an earlier call still open: its request leaves the slot."""
+        pieces = self._open_call() if self._open_call is not None else None
+        self._open_call = None
+        if pieces is not None:
+            pieces.close()
 
     def constraint(self, grammar: Grammar) -> Constraint:
         """A fresh matcher for one generation with this model's vocabulary (one per request)."""
@@ -382,6 +425,16 @@ def _resolve(model: str | os.PathLike[str]) -> Path:
     return Path(resolve_model(model))
 
 
+def _fill_stats(stats: GenerationStats, finished: Finished) -> None:
+    usage = finished.usage
+    stats.cached_tokens, stats.prompt_seconds = usage.cached_tokens, usage.prompt_seconds
+    stats.generated_tokens, stats.generation_seconds = (
+        usage.completion_tokens,
+        usage.generation_seconds,
+    )
+    stats.finish_reason, stats.context_shifts = finished.reason, usage.context_shifts
+
+
 def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """log p(target) per row of logits (m, n_vocab), in float64 like llama-perplexity."""
     x = logits.astype(np.float64)
@@ -391,7 +444,7 @@ def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 class _ReplanningModel:
-    """What the Runner's Context evaluates through: the Runner's model, until a GPU out-of-memory
+    """What the Runner's slot evaluates through: the Runner's model, until a GPU out-of-memory
     in the middle of a forward (a prompt's activations, attention over a longer context) has the
     Runner re-plan with fewer GPU blocks (Runner._replan); the new model's caches are then
     refilled with the tokens the old one held before the failed call's position, and the call
@@ -406,6 +459,11 @@ class _ReplanningModel:
     @property
     def n_ctx(self) -> int:
         return self.model.n_ctx
+
+    def forward_batch(self, segments: Sequence[tuple[Any, Sequence[int], int]]) -> list[np.ndarray]:
+        """The engine's batched forward over the Runner's one slot (this model): each segment
+        through `forward`, which equals Model.forward_batch of one segment bit for bit."""
+        return [self.forward(tokens, pos0)[-1] for _, tokens, pos0 in segments]
 
     def forward(self, tokens: Sequence[int], pos0: int = 0, first_logit: int = -1) -> np.ndarray:
         tokens, refill = list(tokens), False

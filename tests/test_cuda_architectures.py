@@ -98,11 +98,16 @@ def _uncapped(logits: np.ndarray, cap: float) -> np.ndarray:
     return cap * np.arctanh(np.clip(logits.astype(np.float64) / cap, -1 + 1e-12, 1 - 1e-12))
 
 
+def _step(r: Runner, token: int) -> np.ndarray:
+    """Evaluate one token at the slot's next position -> its logits."""
+    return r.slot.evaluate([token], len(r.slot.tokens))[0]
+
+
 def _greedy(cpu: Runner, gpu: Runner, prompt: list[int], cap: float, what: str) -> int:
     """Greedy decoding on both, one token a step: the GPU picks the CPU's token at every step
     where the CPU's top two are more than TIE apart, one of the tied tokens elsewhere (then, if
     it picked the other, the texts part there). -> the number of equal tokens."""
-    want, got = cpu.context.prefill(prompt)[0], gpu.context.prefill(prompt)[0]
+    want, got = cpu.slot.evaluate(prompt, 0)[-1], gpu.slot.evaluate(prompt, 0)[-1]
     for step in range(N_GREEDY):
         want, got = _uncapped(want, cap), _uncapped(got, cap)
         best, pick = int(want.argmax()), int(got.argmax())
@@ -110,7 +115,7 @@ def _greedy(cpu: Runner, gpu: Runner, prompt: list[int], cap: float, what: str) 
         assert pick == best or (gap <= TIE and want[pick] >= want[best] - TIE), (what, step, gap)
         if pick != best:
             return step
-        want, got = cpu.context.step(best), gpu.context.step(pick)
+        want, got = _step(cpu, best), _step(gpu, pick)
     return N_GREEDY
 
 

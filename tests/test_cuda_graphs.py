@@ -34,10 +34,9 @@ def decode_steps(path: str, n_gpu: int | str, graphs: bool, monkeypatch: pytest.
     """Logits after the prompt and after each of STEPS greedy tokens (fed one at a time)."""
     monkeypatch.setenv("HYBRIDLLM_CUDA_GRAPHS", "1" if graphs else "0")
     r = Runner(path, n_ctx=64, n_threads=2, n_gpu_layers=n_gpu, gpu_margin=0)
-    logits, _ = r.context.prefill(r.tokenize(PROMPT))
-    out = [logits]
+    out = [r.slot.evaluate(r.tokenize(PROMPT), 0)[-1]]
     for _ in range(STEPS):
-        out.append(r.context.step(int(out[-1].argmax())))
+        out.append(r.slot.evaluate([int(out[-1].argmax())], len(r.slot.tokens))[0])
     return out, r
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from hybridllm.generate import common_prefix
 from hybridllm.runner import Runner
 
 pytestmark = pytest.mark.gpu
@@ -172,6 +173,13 @@ def test_out_of_memory_at_load_replans(device: Any, tiny_llama_path: str) -> Non
     assert argmax >= 0.99 and worst < 4e-2
 
 
+def _prefill(r: Runner, ids: list[int]) -> tuple[np.ndarray, int]:
+    """Evaluate a prompt on the Runner's slot, reusing its cached prefix, as a chat turn does
+    -> (the logits after its last token, the tokens reused)."""
+    reused = min(common_prefix(r.slot.tokens, ids), len(ids) - 1)
+    return r.slot.evaluate(ids[reused:], reused)[-1], reused
+
+
 def _prefill_peaks(device: Any, path: str, n_gpu: int | str, prompts: list[list[int]]) -> list[int]:
     """Pool bytes above the start: after loading, then the peak of each prefill in turn."""
     pool = device.get_default_memory_pool()
@@ -181,7 +189,7 @@ def _prefill_peaks(device: Any, path: str, n_gpu: int | str, prompts: list[list[
     out = [pool.used_bytes() - before]
     for ids in prompts:
         pool.peak = pool.used_bytes()
-        r.context.prefill(ids)
+        _prefill(r, ids)
         out.append(pool.peak - before)
     del r
     gc.collect()
@@ -205,12 +213,12 @@ def test_out_of_memory_mid_prompt_replans(device: Any, tiny_llama_path: str) -> 
     pool = device.get_default_memory_pool()
     pool.set_limit(size=pool.used_bytes() + limit)
     r = Runner(tiny_llama_path, n_ctx=64, n_threads=2, n_gpu_layers="all", gpu_margin=0)
-    r.context.prefill(first)
+    _prefill(r, first)
     assert r.plan.n_gpu_layers == n_layers
     with pytest.warns(RuntimeWarning, match="out of memory.*re-planning with fewer GPU blocks"):
-        got, reused = r.context.prefill(turn)
+        got, reused = _prefill(r, turn)
     assert reused == 4 and r.plan.n_gpu_layers == n_layers - 1 and r.n_gpu_layers == n_layers - 1
-    want, _ = cpu.context.prefill(turn)
+    want, _ = _prefill(cpu, turn)
     argmax, _, worst = compare_logits(got[None], want[None], f"re-planned mid-prompt to {r.plan.n_gpu_layers} GPU blocks")
     assert argmax == 1.0 and worst < 4e-2
     pool.set_limit(size=0)

@@ -23,6 +23,7 @@ from hybridllm.engine import (
     SamplingState,
     model_with_own_cache,
 )
+from hybridllm.errors import ContextFullError
 from hybridllm.model import Model, PyBlock, core_block_class
 from hybridllm.runner import Runner
 from hybridllm.sampling import Sampler
@@ -193,7 +194,7 @@ def test_queue_is_bounded_and_in_arrival_order(runner: Runner) -> None:
 
 def test_prompt_longer_than_the_context_is_refused(runner: Runner, engine: Engine) -> None:
     args = _args(runner, "word " * N_CTX)
-    with pytest.raises(ValueError, match="more than the context"):
+    with pytest.raises(ContextFullError, match="more than n_ctx="):
         engine.submit(Request(emit=lambda e: None, **args))
 
 

@@ -1,12 +1,14 @@
-"""Generation: prefix reuse, the decode loop's stops, stop strings, context limits, the Runner API."""
+"""Generation: prefix reuse, the decode loop's stops, stop strings, context limits, the Runner API
+(the loop is the engine's scheduler, driven on the caller's thread as the Runner drives it)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from hybridllm.engine import Engine, Finished, Piece, SamplingState
 from hybridllm.errors import ContextFullError, DeviceError
-from hybridllm.generate import Context, GenerationStats, StopStrings, common_prefix, generate_tokens
+from hybridllm.generate import StopStrings, common_prefix
 from hybridllm.runner import Runner
 
 V = 50
@@ -28,17 +30,42 @@ class CountingModel:
             out[i, (t + 1) % V] = 1.0
         return out
 
+    def forward_batch(self, segments: list) -> list[np.ndarray]:
+        return [model.forward(list(tokens), pos0)[-1] for model, tokens, pos0 in segments]
+
+
+class _Decoder:
+    def feed(self, token: int) -> str:
+        return f"<{token}>"
+
+    def flush(self) -> str:
+        return ""
+
+
+class _Tokenizer:
+    def stream_decoder(self) -> _Decoder:
+        return _Decoder()
+
 
 def greedy(logits: np.ndarray, history: object = ()) -> int:
     return int(np.argmax(logits))
 
 
+def _engine(model: CountingModel) -> Engine:
+    """The Runner's arrangement: one slot over the model's own cache, driven on this thread."""
+    return Engine(model, _Tokenizer(), prefill_chunk=model.n_ctx, slot_models=[model])
+
+
 def _run(
-    ctx: Context, prompt: list[int], max_tokens: int | None, stop_ids=(), shift=False
-) -> list[int]:  # noqa: ANN001
-    return list(
-        generate_tokens(ctx, prompt, greedy, max_tokens, stop_ids, GenerationStats(), shift)
-    )
+    engine: Engine, prompt: list[int], max_tokens: int | None, stop_ids=(), shift=False
+) -> tuple[list[int], Finished]:  # noqa: ANN001
+    request = dict(
+        prompt=prompt, sampling=SamplingState(greedy), max_tokens=max_tokens,
+        stop_ids=stop_ids, context_shift=shift,
+    )  # fmt: skip
+    events = list(engine.generate(request))
+    tokens = [t.id for e in events if isinstance(e, Piece) for t in e.tokens]
+    return tokens, events[-1]
 
 
 # --- the loop with a stand-in model -------------------------------------------------------------
@@ -49,47 +76,56 @@ def test_common_prefix() -> None:
 
 
 def test_generate_stops_at_max_tokens_and_stop_ids() -> None:
-    ctx = Context(CountingModel())
-    assert _run(ctx, [1, 2], 3) == [3, 4, 5]
-    stats = GenerationStats()
-    out = list(generate_tokens(Context(CountingModel()), [1], greedy, 10, {5}, stats))
-    assert out == [2, 3, 4] and stats.finish_reason == "eos" and stats.generated_tokens == 3
+    tokens, end = _run(_engine(CountingModel()), [1, 2], 3)
+    assert tokens == [3, 4, 5] and end.reason == "length"
+    tokens, end = _run(_engine(CountingModel()), [1], 10, stop_ids={5})
+    assert tokens == [2, 3, 4] and end.reason == "eos" and end.usage.completion_tokens == 3
 
 
 def test_prefix_is_reused_and_last_token_reevaluated() -> None:
     model = CountingModel()
-    ctx = Context(model)
-    _run(ctx, [1, 2, 3, 4], 2)  # evaluates 4 prompt tokens + 1 decode step
-    assert ctx.tokens == [1, 2, 3, 4, 5]
+    engine = _engine(model)
+    _run(engine, [1, 2, 3, 4], 2)  # evaluates 4 prompt tokens + 1 decode step
+    assert engine.slots[0].tokens == [1, 2, 3, 4, 5]
     model.calls.clear()
-    stats = GenerationStats()
-    list(generate_tokens(ctx, [1, 2, 3, 4, 5, 6, 9], greedy, 1, (), stats))
-    assert model.calls == [(5, 2)] and stats.cached_tokens == 5  # only the new tokens
+    _, end = _run(engine, [1, 2, 3, 4, 5, 6, 9], 1)
+    assert model.calls == [(5, 2)] and end.usage.cached_tokens == 5  # only the new tokens
     model.calls.clear()
-    _run(ctx, [1, 2, 3, 4, 5, 6, 9], 1)  # same prompt again: the last token is re-evaluated
+    _run(engine, [1, 2, 3, 4, 5, 6, 9], 1)  # same prompt again: the last token is re-evaluated
     assert model.calls == [(6, 1)]
     model.calls.clear()
-    _run(ctx, [1, 7], 1)  # diverges after one token
-    assert model.calls == [(1, 1)] and ctx.tokens == [1, 7]
+    _run(engine, [1, 7], 1)  # diverges after one token
+    assert model.calls == [(1, 1)] and engine.slots[0].tokens == [1, 7]
 
 
 def test_prompt_too_long_raises() -> None:
-    with pytest.raises(ContextFullError, match="n_ctx|context holds 8"):
-        _run(Context(CountingModel(8)), list(range(9)), 1)
+    with pytest.raises(ContextFullError, match="n_ctx=8"):
+        _run(_engine(CountingModel(8)), list(range(9)), 1)
 
 
-def test_context_full_raises_or_shifts() -> None:
-    with pytest.raises(ContextFullError, match="context_shift"):
-        _run(Context(CountingModel(8)), [1, 2, 3], 20)
-    model = CountingModel(8)
-    ctx = Context(model)
-    out = _run(ctx, [1, 2, 3], 20, shift=True)
-    assert out == [(3 + i) % V + 1 for i in range(20)]  # the stand-in only looks at the last token
-    assert len(ctx.tokens) <= 8 and ctx.tokens[:3] == [1, 2, 3]  # the prompt is kept
+def test_context_full_ends_or_shifts() -> None:
+    tokens, end = _run(_engine(CountingModel(8)), [1, 2, 3], 20)
+    assert end.reason == "context" and tokens == [4, 5, 6, 7, 8, 9]  # 5 fill it, 1 more sampled
+    engine = _engine(CountingModel(8))
+    tokens, end = _run(engine, [1, 2, 3], 20, shift=True)
+    assert tokens == [(3 + i) % V + 1 for i in range(20)]  # the stand-in only sees the last token
+    assert end.reason == "length" and end.usage.context_shifts >= 1
+    held = engine.slots[0].tokens
+    assert len(held) <= 8 and held[:3] == [1, 2, 3]  # the prompt is kept
+
+
+def test_closing_a_stream_early_frees_the_slot() -> None:
+    engine = _engine(CountingModel(64))
+    request = dict(prompt=[1], sampling=SamplingState(greedy))
+    events = engine.generate(request)
+    next(events)
+    events.close()
+    assert not engine.slots[0].busy and engine.n_waiting == 0
+    assert _run(engine, [1], 3)[0] == [2, 3, 4]
 
 
 def test_unlimited_max_tokens_runs_to_a_stop_id() -> None:
-    assert _run(Context(CountingModel(64)), [1], None, stop_ids={10}) == list(range(2, 10))
+    assert _run(_engine(CountingModel(64)), [1], None, stop_ids={10})[0] == list(range(2, 10))
 
 
 # --- stop strings -------------------------------------------------------------------------------
@@ -141,6 +177,14 @@ def test_generate_greedy_is_deterministic_and_streams_the_same(runner: Runner) -
     st = runner.last_stats
     assert st.generated_tokens == 12 and st.finish_reason == "length" and st.prompt_tokens > 0
     assert st.prompt_seconds > 0 and st.generation_seconds > 0
+
+
+def test_a_new_call_ends_an_open_stream(runner: Runner) -> None:
+    stream = runner.generate("Once upon a time", max_tokens=12, temperature=0, stream=True)
+    first = next(stream)
+    text = runner.generate("Once upon a time", max_tokens=12, temperature=0)
+    assert text.startswith(first) and not runner.slot.busy
+    assert list(stream) == []  # the open stream ended when the second call began
 
 
 def test_seed_reproduces_sampled_text(runner: Runner) -> None:

@@ -179,8 +179,9 @@ def usage_dict(usage: Usage) -> dict[str, Any]:
 
 
 def finish_reason(engine_reason: str) -> str:
-    """The engine's reason in OpenAI's words ("stop" for an end token or a stop string)."""
-    return "length" if engine_reason == "length" else "stop"
+    """The engine's reason in OpenAI's words: "length" for max_tokens or a full context (as
+    llama-server says), "stop" for an end token, a stop string or a complete constraint."""
+    return "length" if engine_reason in ("length", "context") else "stop"
 
 
 def chat_logprobs(tokens: Sequence[TokenInfo], text_of: Any) -> list[dict[str, Any]]:
