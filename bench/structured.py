@@ -61,7 +61,7 @@ def constraint_cost(runner: Runner) -> tuple[float, float]:
     """Replay the last run's generated tokens through a fresh constraint -> (ms per token
     computing masks serially, ms per token applying a mask to a logits row)."""
     prompt = runner.tokenize(PROMPT, special=True)
-    generated = runner.context.tokens[len(prompt) :]
+    generated = runner.slot.tokens[len(prompt) :]
     constraint = runner.constraint(compile_grammar(json_schema=SCHEMA))
     logits = np.zeros(runner.n_vocab, dtype=np.float32)
     compute = apply = 0.0

@@ -426,13 +426,14 @@ def _resolve(model: str | os.PathLike[str]) -> Path:
 
 
 def _fill_stats(stats: GenerationStats, finished: Finished) -> None:
+    """The engine's account of a finished request, in the Runner's `last_stats`."""
     usage = finished.usage
-    stats.cached_tokens, stats.prompt_seconds = usage.cached_tokens, usage.prompt_seconds
-    stats.generated_tokens, stats.generation_seconds = (
-        usage.completion_tokens,
-        usage.generation_seconds,
-    )
-    stats.finish_reason, stats.context_shifts = finished.reason, usage.context_shifts
+    stats.cached_tokens = usage.cached_tokens
+    stats.prompt_seconds = usage.prompt_seconds
+    stats.generated_tokens = usage.completion_tokens
+    stats.generation_seconds = usage.generation_seconds
+    stats.context_shifts = usage.context_shifts
+    stats.finish_reason = finished.reason
 
 
 def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
