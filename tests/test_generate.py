@@ -187,6 +187,34 @@ def test_a_new_call_ends_an_open_stream(runner: Runner) -> None:
     assert list(stream) == []  # the open stream ended when the second call began
 
 
+def test_an_interrupted_stream_leaves_a_consistent_cache(
+    runner: Runner, tiny_llama_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while a reply streams (KeyboardInterrupt out of a forward pass): the slot is free,
+    and every token it says it holds has its keys and values in the cache, so a follow-up that
+    reuses them gets the logits of a fresh evaluation."""
+    model_type, calls = type(runner.model), []
+    real_forward = model_type.forward
+
+    def interrupted(self, tokens, pos0=0, first_logit=-1):  # noqa: ANN001, ANN202
+        calls.append(len(tokens))
+        if len(calls) == 5:  # the prompt, then the fourth decode step
+            raise KeyboardInterrupt
+        return real_forward(self, tokens, pos0, first_logit)
+
+    runner.slot.tokens.clear()
+    monkeypatch.setattr(model_type, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        list(runner.generate("Once upon a time", max_tokens=12, temperature=0, stream=True))
+    monkeypatch.undo()
+    held = list(runner.slot.tokens)
+    assert not runner.slot.busy and len(held) == len(runner.tokenize("Once upon a time")) + 3
+    follow = held + [7]
+    got = runner.slot.evaluate([7], len(held))[-1]
+    want = Runner(tiny_llama_path, n_ctx=96, n_threads=2).logits(follow)[-1]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_seed_reproduces_sampled_text(runner: Runner) -> None:
     a = runner.generate("The", max_tokens=10, temperature=1.0, seed=42)
     b = runner.generate("The", max_tokens=10, temperature=1.0, seed=42)
