@@ -61,7 +61,7 @@ void start_lanes(const int8_t* q, int64_t cols, int32_t* lanes16, int32_t* lanes
     for (int64_t l = 0; l < cols / 4; ++l) {
         const int32_t sum = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
         lanes16[l] = -16 * sum;
-        lanes128[l] = -128 * sum;
+        lanes128[l] = -128 * sum + kFloatMagicBits;
     }
 }
 

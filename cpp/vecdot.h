@@ -47,8 +47,8 @@ struct QActs {
     // the start value of Q5_0's unsigned-code dot (q - 16 folded in), once per matmul instead of
     // once per weight-row pair.
     const int32_t* q5_start = nullptr;
-    // ACT_Q8_32: -128 * the same sums, [n][cols/4]: the start value of Q8_0's codes + 128 (the
-    // unsigned operand of the 512-bit tile).
+    // ACT_Q8_32: -128 * the same sums + kFloatMagicBits, [n][cols/4]: the start value of Q8_0's
+    // codes + 128 (the unsigned operand of the 512-bit tile), lanes then converted by subtraction.
     const int32_t* q8_start = nullptr;
 };
 
@@ -90,6 +90,13 @@ constexpr int TILE_NW = 2;
 // The wide tile: TILE_NW weight rows x WIDE_NA activation rows (the same TileKernel signature),
 // for batches of 8+ rows where the weight decode shared by MAX_NA rows is still a large share.
 constexpr int WIDE_NA = 8;
+
+// Int32 lanes started at the bits of the float 1.5 * 2^23 end as the bits of 12582912 + x for
+// any dot x with |x| < 2^22 (a block's lane sums of four int8 products are below 2^16), so
+// float(x) is one subtraction of 12582912: exactly what the int-to-float convert gives, on
+// either 512-bit port where the convert has only one (the 512-bit tile's lanes start there).
+constexpr int32_t kFloatMagicBits = 0x4B400000;
+constexpr float kFloatMagic = 12582912.0f;
 
 // The SIMD tile kernel for `type` against `act_kind`, or nullptr (use the row kernels).
 TileKernel get_tile_kernel(int type, int act_kind);

@@ -295,6 +295,8 @@ void tile32(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t 
 // acc8 = fma(dw * da, float(lanes), acc8) per block), so the bits are the same; the instruction
 // count per block is nearly halved. NA = WIDE_NA (8 activation rows, the wide tile of batches)
 // shares each decoded weight block among twice as many rows; each output's arithmetic is the same.
+// float(lanes) is a subtraction from lanes started at kFloatMagicBits (vecdot.h) except for Q5_0:
+// the same values, with the convert's port-0-only uop moved to either port (+4% at 16 rows).
 template <class F, int NA = MAX_NA>
 void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t a0, float* out, int64_t os) {
     static_assert(TILE_NW == 2, "two weight rows in one 512-bit register");
@@ -302,6 +304,8 @@ void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, 
     static_assert(F::kBias == 0 || F::kBias == 16 || F::kBias == 128, "q5_start / q8_start hold these offsets");
     constexpr int NQ = NA / 4;
     constexpr size_t kB = F::kBytes;
+    // Lanes from kFloatMagicBits (q8_start carries it; q5_start, shared with the 256-bit tile, not).
+    constexpr bool kMagicStart = F::kBias != 16;
     const int64_t nb = cols / QK;
     const int8_t* aq = a.qs + a0 * cols;
     const float* ad = a.d + a0 * nb;
@@ -335,9 +339,11 @@ void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, 
         for (int i = 0; i < NA; ++i) {
             const __m512i av = _mm512_broadcast_i64x4(loadu256(aq + i * cols + b * QK));
             const __m512i lanes0 = F::kBias != 0 ? _mm512_broadcast_i64x4(loadu256(start + i * (cols / 4) + b * 8))
-                                                 : _mm512_setzero_si512();
+                                                 : _mm512_set1_epi32(kFloatMagicBits);
             const __m512i dot = _mm512_dpbusd_epi32(lanes0, u, av);
-            acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(ad[i * nb + b])), _mm512_cvtepi32_ps(dot), acc[i]);
+            const __m512 lanes = kMagicStart ? _mm512_sub_ps(_mm512_castsi512_ps(dot), _mm512_set1_ps(kFloatMagic))
+                                             : _mm512_cvtepi32_ps(dot);
+            acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(ad[i * nb + b])), lanes, acc[i]);
         }
     }
     alignas(16) float m[2][NA];

@@ -171,6 +171,30 @@ def test_q8_0_matches_llama_cpp_vec_dot_bits(n: int) -> None:
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0])
+def test_batch_tiles_at_the_largest_lanes(qtype: Q) -> None:
+    """Blocks whose four-product lane sums are the largest the formats allow (Q8_0 codes -128
+    against activations of +-127: |lane| = 65024; Q4_1 codes 15: 7620): the 512-bit tile's lanes,
+    started at a float's bits and converted by subtraction, still give llama.cpp's bits."""
+    if "cpp" not in kernels.available_backends():
+        pytest.skip("hybridllm._core is not built")
+    from hybridllm import _core
+
+    if qtype == Q.Q8_0 and _core.simd_path() == "scalar":
+        pytest.skip("only the SIMD Q8_0 kernel follows llama.cpp's order")
+    rows, cols, n = 18, 1024, 16
+    raw = random_blocks(qtype, rows, cols, seed=3).reshape(rows, cols // 32, -1)
+    codes = slice(4, 20) if qtype == Q.Q4_1 else slice(2, 34)
+    raw[:, ::2, codes] = 0xFF if qtype == Q.Q4_1 else 0x80  # every other block at the extreme code
+    raw = raw.reshape(rows, -1)
+    x = activations(n, cols, seed=5)
+    sign = np.where(np.arange(n) % 2 == 0, F32(1.0), F32(-1.0))[:, None]
+    x[:, : cols // 2] = sign * F32(3.0)  # whole blocks of one value: every code +-127
+    got = kernels.matmul(raw, qtype, (rows, cols), x, backend="cpp")
+    ref = ref_q4_1(raw, rows, cols, x) if qtype == Q.Q4_1 else ref_q8_0(raw, rows, cols, x)
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
 # --- the other types: ggml's own vec_dot as the oracle, numpy for the repacked / tiled paths -----
 
 # bytes per block and the (offset, low, high) ranges of its f16 scales
