@@ -183,11 +183,10 @@ class Slot:
 
     def evaluate(self, tokens: Sequence[int], pos0: int, first_logit: int = -1) -> np.ndarray:
         """Evaluate tokens at positions pos0.. (<= the tokens held, which are cut there) ->
-        the logits of rows first_logit.. (n, n_vocab) float32, as model.forward gives them."""
+        the logits of rows first_logit.. (n, n_vocab) float32, as model.forward gives them (it
+        raises ContextFullError for tokens beyond the context)."""
         if not 0 <= pos0 <= len(self.tokens):
             raise ValueError(f"pos0={pos0}: the slot holds {len(self.tokens)} tokens")
-        if pos0 + len(tokens) > self.n_ctx:
-            raise ContextFullError(f"{pos0 + len(tokens)} tokens do not fit in n_ctx={self.n_ctx}")
         del self.tokens[pos0:]
         logits = self.model.forward(list(tokens), pos0, first_logit)
         self.tokens.extend(tokens)
