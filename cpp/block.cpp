@@ -278,10 +278,10 @@ struct Panel {
 // alone (batch invariance): a segment of up to MAX_NA rows is one panel (a decode step), a longer
 // one panels of 64 rows from its start (a prompt chunk; tiles of MAX_NA rows then start at
 // multiples of MAX_NA as in hl::matmul, hence the same results). Consecutive one-row segments
-// (decode steps of several sequences) share panels of up to 2 * WIDE_NA rows with n_call = 1, so
+// (decode steps of several sequences) share panels of up to WIDEST_NA rows with n_call = 1, so
 // each weight block is decoded once per tile of them while each row keeps its one-row arithmetic.
 void cut_panels(const std::vector<Segment>& segs, std::vector<Panel>& panels) {
-    constexpr int64_t kPromptPanel = 64, kDecodePanel = 2 * WIDE_NA;
+    constexpr int64_t kPromptPanel = 64, kDecodePanel = std::max(2 * WIDE_NA, WIDEST_NA);
     panels.clear();
     for (const Segment& s : segs) {
         if (s.n == 1 && !panels.empty()) {

@@ -91,6 +91,10 @@ constexpr int TILE_NW = 2;
 // for batches of 8+ rows where the weight decode shared by MAX_NA rows is still a large share.
 constexpr int WIDE_NA = 8;
 
+// The widest tile: TILE_NW weight rows x WIDEST_NA activation rows (AVX-512 builds), so that a
+// server step's 16 decode rows share each decoded weight block (and its scales) in one pass.
+constexpr int WIDEST_NA = 16;
+
 // Int32 lanes started at the bits of the float 1.5 * 2^23 end as the bits of 12582912 + x for
 // any dot x with |x| < 2^22 (a block's lane sums of four int8 products are below 2^16), so
 // float(x) is one subtraction of 12582912: exactly what the int-to-float convert gives, on
@@ -105,6 +109,8 @@ TileKernel get_tile_kernel_avx2(int type, int act_kind);
 // The SIMD wide tile kernel, or nullptr (the AVX2 build and the formats without one).
 TileKernel get_wide_tile_kernel(int type, int act_kind);
 TileKernel get_wide_tile_kernel_avx2(int type, int act_kind);
+TileKernel get_widest_tile_kernel(int type, int act_kind);
+TileKernel get_widest_tile_kernel_avx2(int type, int act_kind);
 
 // The SIMD matvec kernel for `type` against `act_kind`, or nullptr (use the row kernels).
 MatvecKernel get_matvec_kernel(int type, int act_kind);

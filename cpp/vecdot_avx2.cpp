@@ -297,12 +297,39 @@ void tile32(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t 
 // shares each decoded weight block among twice as many rows; each output's arithmetic is the same.
 // float(lanes) is a subtraction from lanes started at kFloatMagicBits (vecdot.h) except for Q5_0:
 // the same values, with the convert's port-0-only uop moved to either port (+4% at 16 rows).
+// The min chains of NA activation rows as one vector of NA float lanes (each lane its own chain,
+// so the width does not change any result): summs = fma(m, s_a, summs) per block.
+template <int NA>
+struct MinChainLanes;
+template <>
+struct MinChainLanes<4> {
+    using V = __m128;
+    static HL_INLINE V zero() { return _mm_setzero_ps(); }
+    static HL_INLINE V load(const float* p) { return _mm_loadu_ps(p); }
+    static HL_INLINE V fma(float m, V s, V acc) { return _mm_fmadd_ps(_mm_set1_ps(m), s, acc); }
+    static HL_INLINE void store(float* p, V v) { _mm_store_ps(p, v); }
+};
+template <>
+struct MinChainLanes<8> {
+    using V = __m256;
+    static HL_INLINE V zero() { return _mm256_setzero_ps(); }
+    static HL_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
+    static HL_INLINE V fma(float m, V s, V acc) { return _mm256_fmadd_ps(_mm256_set1_ps(m), s, acc); }
+    static HL_INLINE void store(float* p, V v) { _mm256_store_ps(p, v); }
+};
+template <>
+struct MinChainLanes<16> {
+    using V = __m512;
+    static HL_INLINE V zero() { return _mm512_setzero_ps(); }
+    static HL_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
+    static HL_INLINE V fma(float m, V s, V acc) { return _mm512_fmadd_ps(_mm512_set1_ps(m), s, acc); }
+    static HL_INLINE void store(float* p, V v) { _mm512_store_ps(p, v); }
+};
+
 template <class F, int NA = MAX_NA>
 void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t a0, float* out, int64_t os) {
     static_assert(TILE_NW == 2, "two weight rows in one 512-bit register");
-    static_assert(NA % 4 == 0, "the min chains run as 4-lane vectors");
     static_assert(F::kBias == 0 || F::kBias == 16 || F::kBias == 128, "q5_start / q8_start hold these offsets");
-    constexpr int NQ = NA / 4;
     constexpr size_t kB = F::kBytes;
     // Lanes from kFloatMagicBits (q8_start carries it; q5_start, shared with the 256-bit tile, not).
     constexpr bool kMagicStart = F::kBias != 16;
@@ -312,8 +339,9 @@ void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, 
     const int32_t* start = F::kBias == 0 ? nullptr : (F::kBias == 16 ? a.q5_start : a.q8_start) + a0 * (cols / 4);
     __m512 acc[NA];
     for (int i = 0; i < NA; ++i) acc[i] = _mm512_setzero_ps();
-    __m128 summs[2][NQ];  // lane j of summs[r][q]: weight row r's min chain with activation row 4q + j
-    for (int q = 0; q < NQ; ++q) summs[0][q] = summs[1][q] = _mm_setzero_ps();
+    // Lane i of summs[r]: weight row r's min chain with activation row i (NA lanes of floats).
+    using MinLanes = MinChainLanes<NA>;
+    typename MinLanes::V summs[2] = {MinLanes::zero(), MinLanes::zero()};
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk0 = w + b * kB;
         const uint8_t* blk1 = blk0 + rb;
@@ -328,14 +356,11 @@ void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, 
         const __m512 dw = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
                                                 _mm512_castps128_ps512(dm));
         if constexpr (F::kMin) {
-            const __m128 m0 = _mm_permute_ps(dm, 0x55), m1 = _mm_permute_ps(dm, 0xff);
-            for (int q = 0; q < NQ; ++q) {
-                const __m128 sa = _mm_loadu_ps(a.s_t + b * a.n + a0 + 4 * q);
-                summs[0][q] = _mm_fmadd_ps(m0, sa, summs[0][q]);
-                summs[1][q] = _mm_fmadd_ps(m1, sa, summs[1][q]);
-            }
+            const typename MinLanes::V sa = MinLanes::load(a.s_t + b * a.n + a0);
+            summs[0] = MinLanes::fma(_mm_cvtss_f32(_mm_permute_ps(dm, 0x55)), sa, summs[0]);
+            summs[1] = MinLanes::fma(_mm_cvtss_f32(_mm_permute_ps(dm, 0xff)), sa, summs[1]);
         }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int i = 0; i < NA; ++i) {
             const __m512i av = _mm512_broadcast_i64x4(loadu256(aq + i * cols + b * QK));
             const __m512i lanes0 = F::kBias != 0 ? _mm512_broadcast_i64x4(loadu256(start + i * (cols / 4) + b * 8))
@@ -346,11 +371,9 @@ void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, 
             acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(ad[i * nb + b])), lanes, acc[i]);
         }
     }
-    alignas(16) float m[2][NA];
-    for (int q = 0; q < NQ; ++q) {
-        _mm_store_ps(m[0] + 4 * q, summs[0][q]);
-        _mm_store_ps(m[1] + 4 * q, summs[1][q]);
-    }
+    alignas(64) float m[2][NA];
+    MinLanes::store(m[0], summs[0]);
+    MinLanes::store(m[1], summs[1]);
     for (int i = 0; i < NA; ++i) {
         const float s0 = hsum_ps(_mm512_castps512_ps256(acc[i]));
         const float s1 = hsum_ps(_mm512_extractf32x8_ps(acc[i], 1));
@@ -1087,6 +1110,15 @@ TileKernel get_wide_tile_kernel_avx2(int type, int kind) {
     return kind == act_kind_for(type) ? tile_for<WIDE_NA>(type) : nullptr;
 }
 
+TileKernel get_widest_tile_kernel_avx2(int type, int kind) {
+#if defined(HL_TILE32_VNNI512)
+    return kind == act_kind_for(type) ? tile_for<WIDEST_NA>(type) : nullptr;
+#else
+    (void)type, (void)kind;
+    return nullptr;  // 2 x 16 accumulators: only the 512-bit tile has the registers
+#endif
+}
+
 TileKernel get_tile_kernel_avx2(int type, int kind) {
     return kind == act_kind_for(type) ? tile_for<MAX_NA>(type) : nullptr;
 }
@@ -1108,6 +1140,7 @@ bool have_simd_kernels() { return false; }
 RowKernel get_kernel_avx2(int, int, int) { return nullptr; }
 TileKernel get_tile_kernel_avx2(int, int) { return nullptr; }
 TileKernel get_wide_tile_kernel_avx2(int, int) { return nullptr; }
+TileKernel get_widest_tile_kernel_avx2(int, int) { return nullptr; }
 MatvecKernel get_matvec_kernel_avx2(int, int) { return nullptr; }
 
 #endif

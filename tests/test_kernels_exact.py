@@ -145,7 +145,7 @@ def cpp_backend(request: pytest.FixtureRequest):
         _core.set_force_scalar(False)
 
 
-@pytest.mark.parametrize("n", [1, 2, 5, 9, 16])
+@pytest.mark.parametrize("n", [1, 2, 5, 9, 16, 40])  # 40: two panels of 20, tiles of 16 and 4 rows
 def test_q4_1_matches_llama_cpp_bits(cpp_backend: str, n: int) -> None:
     rows, cols = 67, 2048 + 96  # an odd number of blocks, not a multiple of 8 or 16
     raw = random_blocks(Q.Q4_1, rows, cols, seed=n)
@@ -155,7 +155,7 @@ def test_q4_1_matches_llama_cpp_bits(cpp_backend: str, n: int) -> None:
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
 
 
-@pytest.mark.parametrize("n", [1, 3, 9, 16])  # 9 and 16: the 512-bit tiles of 4 and 8 rows
+@pytest.mark.parametrize("n", [1, 3, 9, 16, 40])  # the 512-bit tiles of 4, 8 and 16 rows
 def test_q8_0_matches_llama_cpp_vec_dot_bits(n: int) -> None:
     if "cpp" not in kernels.available_backends():
         pytest.skip("hybridllm._core is not built")
@@ -328,7 +328,7 @@ def _cpp_simd() -> None:
 
 # n = 9 runs llamafile's tinyBLAS in llama.cpp for Q5_0 / Q8_0, which has vec_dot's arithmetic;
 # Q6_K from 8 rows on goes through ggml's tiled matmul instead (tested below).
-@pytest.mark.parametrize("qtype,ns", [(Q.Q5_0, (1, 3, 9)), (Q.Q5_1, (1, 3, 9)), (Q.Q4_1, (1, 2, 9)),
+@pytest.mark.parametrize("qtype,ns", [(Q.Q5_0, (1, 3, 9, 40)), (Q.Q5_1, (1, 3, 9, 40)), (Q.Q4_1, (1, 2, 9)),
                                       (Q.Q8_0, (1, 9)), (Q.Q6_K, (1, 3, 7)), (Q.Q5_K, (1, 5))])  # fmt: skip
 def test_matches_ggml_vec_dot_bits(ggml, qtype: Q, ns: tuple[int, ...]) -> None:  # noqa: ANN001
     _cpp_simd()

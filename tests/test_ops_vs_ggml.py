@@ -167,6 +167,11 @@ def _ggml_attention(ggml, q, k_cache, v_cache, pos0, window, scale):  # noqa: AN
         (19, 120, 50, 64, (4, 2)),  # sliding window
         (1, 700, 0, 64, (9, 3)),  # past 512 cells: n_kv 768
         (12, 530, 512, 256, (4, 1)),  # gemma3's 512-cell window at depth
+        # one row at lengths around the 16-key score groups and the 64 P.V chains
+        *((1, pos0, 0, 64, (9, 3)) for pos0 in (0, 14, 15, 16, 47, 63, 64, 65, 127, 300, 510)),
+        (1, 300, 100, 64, (9, 3)),  # a window starting inside a group and a chain round
+        (1, 130, 0, 256, (4, 1)),
+        (1, 520, 512, 256, (4, 1)),
     ],
 )
 def test_attention_graph(ggml, n, pos0, window, dk, heads) -> None:  # noqa: ANN001
