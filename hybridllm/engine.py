@@ -156,6 +156,31 @@ class Request:
     n_keep: int | None = None
 
 
+@dataclass(frozen=True)
+class Batch:
+    """The rows of one forward over the slots, in llama.cpp's `llama_batch` shape: row i is token
+    token[i] at position pos[i] of sequence seq_id[i] (a slot's index), and logits[i] says
+    whether its logits are wanted. A sequence's rows come together, at consecutive positions
+    that start at most at the end of what its slot holds (the slot's tokens from there on are
+    dropped first, as llama_memory_seq_rm would)."""
+
+    token: Sequence[int]
+    pos: Sequence[int]
+    seq_id: Sequence[int]
+    logits: Sequence[bool]
+
+    @classmethod
+    def of(cls, sequences: Sequence[tuple[int, Sequence[int], int]]) -> Batch:
+        """(seq_id, tokens, pos0) per sequence -> their rows, logits wanted for each last one."""
+        token, pos, seq_id, logits = [], [], [], []
+        for s, tokens, pos0 in sequences:
+            token += tokens
+            pos += range(pos0, pos0 + len(tokens))
+            seq_id += [s] * len(tokens)
+            logits += [False] * (len(tokens) - 1) + [True]
+        return cls(token, pos, seq_id, logits)
+
+
 class RequestHandle:
     """What `submit` returns: cancel() frees the request's slot at the next tick."""
 
@@ -346,6 +371,64 @@ class Engine:
             if self._thread is None:
                 with self._wake:
                     self._drop_cancelled()
+
+    def decode(self, batch: Batch) -> list[np.ndarray]:
+        """Evaluate a batch over the slots in one forward (llama_decode) -> the logits
+        (n_vocab,) float32 of each row batch.logits flags, in row order, each as if its
+        sequence were evaluated alone. For driving idle slots by hand: not while the engine's
+        thread serves requests (RuntimeError); a slot serving a request is a ValueError."""
+        if self._thread is not None:
+            raise RuntimeError("decode drives the slots itself; stop the engine thread first")
+        groups = self._batch_groups(batch)
+        segments = [(slot.model, tokens, pos0) for slot, tokens, pos0 in groups]
+        wanted = [i for i, flag in enumerate(batch.logits) if flag]
+        try:
+            logits = self.model.forward_batch(segments, wanted)
+        except BaseException:
+            for slot, _, pos0 in groups:  # its cache from pos0 on may hold part of the rows
+                del slot.tokens[pos0:]
+            raise
+        for slot, tokens, pos0 in groups:
+            slot.tokens[pos0:] = tokens
+        return logits
+
+    def _batch_groups(self, batch: Batch) -> list[tuple[Slot, list[int], int]]:
+        """A batch's sequences as (slot, tokens, pos0), checked (ValueError naming the row)."""
+        n = len(batch.token)
+        if n == 0 or not len(batch.pos) == len(batch.seq_id) == len(batch.logits) == n:
+            raise ValueError("batch: token, pos, seq_id and logits need one entry per row, and a row")
+        groups: list[tuple[Slot, list[int], int]] = []
+        for i in range(n):
+            s, p = batch.seq_id[i], batch.pos[i]
+            if groups and i > 0 and batch.seq_id[i - 1] == s:
+                if p != batch.pos[i - 1] + 1:
+                    raise ValueError(f"batch.pos[{i}] = {p}: a sequence's positions must be consecutive")
+                groups[-1][1].append(batch.token[i])
+                continue
+            if not 0 <= s < len(self.slots):
+                raise ValueError(f"batch.seq_id[{i}] = {s}: no such slot (0..{len(self.slots) - 1})")
+            slot = self.slots[s]
+            if any(g[0] is slot for g in groups):
+                raise ValueError(f"batch.seq_id[{i}] = {s}: a sequence's rows must come together")
+            if slot.busy:
+                raise ValueError(f"batch.seq_id[{i}] = {s}: that slot is serving a request")
+            if not 0 <= p <= len(slot.tokens):
+                raise ValueError(
+                    f"batch.pos[{i}] = {p}: slot {s} holds {len(slot.tokens)} tokens; a sequence "
+                    "goes on at or before its end"
+                )
+            groups.append((slot, [batch.token[i]], p))
+        n_vocab = getattr(self.model, "n_vocab", None)
+        for i, t in enumerate(batch.token):
+            if n_vocab is not None and not 0 <= t < n_vocab:
+                raise ValueError(f"batch.token[{i}] = {t}: outside the vocabulary (0..{n_vocab - 1})")
+        for slot, tokens, pos0 in groups:
+            if pos0 + len(tokens) > slot.n_ctx:
+                raise ContextFullError(
+                    f"batch: {len(tokens)} tokens at position {pos0} do not fit in slot "
+                    f"{slot.index}'s context of {slot.n_ctx} tokens"
+                )
+        return groups
 
     # --- the scheduler (engine thread, or the caller's through generate) ----------------------
     def step(self) -> None:

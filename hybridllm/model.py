@@ -393,9 +393,14 @@ class Model:
                 out.append(self.logits(x[lo:]))
         return np.concatenate(out) if len(out) > 1 else out[0]
 
-    def forward_batch(self, segments: Sequence[tuple[Model, Sequence[int], int]]) -> list[np.ndarray]:
+    def forward_batch(
+        self,
+        segments: Sequence[tuple[Model, Sequence[int], int]],
+        logit_rows: Sequence[int] | None = None,
+    ) -> list[np.ndarray]:
         """Evaluate the tokens of several sequences in one pass -> the logits after each one's
-        last token, (n_vocab,) float32 each.
+        last token, (n_vocab,) float32 each; with logit_rows (indices into all the segments'
+        rows in order: llama_batch's logits flags) the logits of those rows instead, in order.
 
         segments: (model, tokens, pos0) per sequence, each model this one or a clone of it with
         its own KV cache (engine.model_with_own_cache), each at most once. Every weight is read
@@ -416,6 +421,10 @@ class Model:
                     f"{len(tokens)} tokens at position {pos0} do not fit in the context of "
                     f"{model.n_ctx} tokens"
                 )
+        n_rows = sum(len(tokens) for _, tokens, _ in segments)
+        bad = [r for r in logit_rows or () if not 0 <= r < n_rows]
+        if bad:
+            raise ValueError(f"logit row {bad[0]} is not one of the batch's rows (0..{n_rows - 1})")
         x = self.embed([t for _, tokens, _ in segments for t in tokens])
         backend = None
         for layer, (block, be) in enumerate(zip(self.blocks, self.backends, strict=True)):
@@ -425,8 +434,12 @@ class Model:
             rows = [(m.blocks[layer], pos0, len(tokens)) for m, tokens, pos0 in segments]
             block.forward_batch(x, rows, self.n_threads or 0)
         x = backend.to_host(x) if backend is not None else x
-        last = np.cumsum([len(tokens) for _, tokens, _ in segments]) - 1
-        return list(self.logits(np.ascontiguousarray(x[last]), rows_alone=True))
+        rows = np.cumsum([len(tokens) for _, tokens, _ in segments]) - 1
+        if logit_rows is not None:
+            rows = np.asarray(list(logit_rows), dtype=np.int64)
+            if rows.size == 0:
+                return []
+        return list(self.logits(np.ascontiguousarray(x[rows]), rows_alone=True))
 
     def hidden(self, tokens: Sequence[int], pos0: int) -> np.ndarray:
         """Embed a chunk and run it through every block -> (n, dim) float32 on the host."""

@@ -461,10 +461,22 @@ class _ReplanningModel:
     def n_ctx(self) -> int:
         return self.model.n_ctx
 
-    def forward_batch(self, segments: Sequence[tuple[Any, Sequence[int], int]]) -> list[np.ndarray]:
+    def forward_batch(
+        self,
+        segments: Sequence[tuple[Any, Sequence[int], int]],
+        logit_rows: Sequence[int] | None = None,
+    ) -> list[np.ndarray]:
         """The engine's batched forward over the Runner's one slot (this model): each segment
-        through `forward`, which equals Model.forward_batch of one segment bit for bit."""
-        return [self.forward(tokens, pos0)[-1] for _, tokens, pos0 in segments]
+        through `forward`, which equals Model.forward_batch of one segment bit for bit (with
+        logit_rows, the rows wanted of a segment come from one head call, as in Runner.logits)."""
+        out, row0 = [], 0
+        for _, tokens, pos0 in segments:
+            n = len(tokens)
+            wanted = [n - 1] if logit_rows is None else [r - row0 for r in logit_rows if row0 <= r < row0 + n]
+            logits = self.forward(tokens, pos0, min(wanted) if wanted else -1)
+            out.extend(logits[r - min(wanted)] for r in wanted)
+            row0 += n
+        return out
 
     def forward(self, tokens: Sequence[int], pos0: int = 0, first_logit: int = -1) -> np.ndarray:
         tokens, refill = list(tokens), False

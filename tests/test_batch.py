@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as Q
 from test_kernels import ALL_TYPES, COLS, random_raw
 
 from hybridllm import kernels
-from hybridllm.engine import model_with_own_cache
+from hybridllm.engine import Batch, Engine, model_with_own_cache
 from hybridllm.errors import ContextFullError
 from hybridllm.gguf_file import ModelFile
 from hybridllm.model import Model, PyBlock
@@ -160,3 +160,76 @@ def test_pyblock_reads_each_weight_once_for_decode_rows(
     x = model.embed([1, 2, 3, 4, 5, 6, 7])
     block.forward_batch(x, [(c.blocks[0], 0, 1) for c in clones[:4]] + [(clones[4].blocks[0], 0, 3)])
     assert calls == {"matmul": 7, "matmul_rows_alone": 7}
+
+
+def test_engine_decode_takes_llama_batch_rows(tiny_llama_path: str) -> None:
+    """Engine.decode: rows of several slots in llama_batch's shape, logits for the flagged rows
+    only, each equal to its sequence alone (hidden rows of its own forward, a one-row head)."""
+    model, alone = _models(tiny_llama_path, 3)
+    engine = Engine(model, tokenizer=None, n_slots=3)
+    rng = np.random.default_rng(7)
+    first, second = ([int(t) for t in rng.integers(0, model.n_vocab, size=k)] for k in (9, 4))
+    flags = [True, False, False, True, False, False, False, False, True] + [False, False, False, True]
+    batch = Batch(first + second, [*range(9), *range(4)], [2] * 9 + [0] * 4, flags)
+    got = engine.decode(batch)
+
+    def one_row_logits(m: Model, tokens: list[int], pos0: int, rows: list[int]) -> list[np.ndarray]:
+        x = m.hidden(tokens, pos0)
+        return [m.logits(np.ascontiguousarray(x[r : r + 1]))[0] for r in rows]
+
+    want = one_row_logits(alone[2], first, 0, [0, 3, 8]) + one_row_logits(alone[0], second, 0, [3])
+    assert len(got) == 4 and all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    assert engine.slots[2].tokens == first and engine.slots[0].tokens == second
+
+    # the next rows continue each slot's cache; a sequence may also restart inside what it holds
+    nxt = Batch.of([(2, [5], 9), (1, second[:2], 0), (0, [6, 7], 2)])
+    got = engine.decode(nxt)
+    want = [alone[2].forward([5], 9)[-1], alone[1].forward(second[:2], 0)[-1], alone[0].forward([6, 7], 2)[-1]]
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    assert engine.slots[0].tokens == second[:2] + [6, 7]
+
+
+def test_engine_decode_rejects_bad_batches(tiny_llama_path: str) -> None:
+    model, _ = _models(tiny_llama_path, 0)
+    engine = Engine(model, tokenizer=None, n_slots=2)
+    engine.decode(Batch.of([(0, [1, 2, 3], 0)]))
+    bad = [
+        (Batch([1, 2], [0, 1], [0], [True, True]), "one entry per row"),
+        (Batch([], [], [], []), "one entry per row"),
+        (Batch([1], [0], [2], [True]), r"batch.seq_id\[0\] = 2: no such slot \(0..1\)"),
+        (Batch([1, 2], [0, 2], [1, 1], [False, True]), r"batch.pos\[1\] = 2: .* consecutive"),
+        (Batch([1, 2, 3], [0, 0, 1], [1, 0, 1], [True] * 3), r"batch.seq_id\[2\] = 1: .* come together"),
+        (Batch([1], [4], [0], [True]), r"batch.pos\[0\] = 4: slot 0 holds 3 tokens"),
+        (Batch([1, 10**6], [1, 2], [0, 0], [True, True]), r"batch.token\[1\] = 1000000: outside"),
+        (Batch([1], [0], [1], [True]), None),  # fine: a fresh slot from position 0
+    ]
+    for batch, message in bad:
+        if message is None:
+            engine.decode(batch)
+            continue
+        with pytest.raises(ValueError, match=message):
+            engine.decode(batch)
+    with pytest.raises(ContextFullError, match="slot 0's context of 160 tokens"):
+        engine.decode(Batch.of([(0, [1] * N_CTX, 1)]))
+    assert engine.slots[0].tokens == [1, 2, 3]  # a rejected batch changes nothing
+    engine.slots[1].busy = True
+    with pytest.raises(ValueError, match="serving a request"):
+        engine.decode(Batch.of([(1, [1], 0)]))
+    engine.slots[1].busy = False
+    engine.start()
+    try:
+        with pytest.raises(RuntimeError, match="engine thread"):
+            engine.decode(Batch.of([(1, [1], 0)]))
+    finally:
+        engine.stop()
+
+
+def test_runner_engine_decode_flags_rows(tiny_llama_path: str) -> None:
+    """The Runner's one slot takes Batch rows too: flagged rows as Runner.logits gives them."""
+    from hybridllm.runner import Runner
+
+    r = Runner(tiny_llama_path, n_ctx=64, n_threads=2)
+    tokens = [3, 9, 27, 81, 243]
+    got = r.engine.decode(Batch(tokens, list(range(5)), [0] * 5, [False, True, False, True, False]))
+    want = r.logits(tokens)
+    assert len(got) == 2 and np.array_equal(got[0], want[1]) and np.array_equal(got[1], want[3])
