@@ -289,14 +289,6 @@ void tile32(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t 
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
-// tile32 with both weight rows in one 512-bit register: the low 256 bits carry row 0's lanes, the
-// high 256 bits row 1's, so one dot, one convert, one scale product and one FMA serve two
-// outputs. Each half computes exactly what tile32 computes for its row (integer lanes, then
-// acc8 = fma(dw * da, float(lanes), acc8) per block), so the bits are the same; the instruction
-// count per block is nearly halved. NA = WIDE_NA (8 activation rows, the wide tile of batches)
-// shares each decoded weight block among twice as many rows; each output's arithmetic is the same.
-// float(lanes) is a subtraction from lanes started at kFloatMagicBits (vecdot.h) except for Q5_0:
-// the same values, with the convert's port-0-only uop moved to either port (+4% at 16 rows).
 // The min chains of NA activation rows as one vector of NA float lanes (each lane its own chain,
 // so the width does not change any result): summs = fma(m, s_a, summs) per block.
 template <int NA>
@@ -326,6 +318,15 @@ struct MinChainLanes<16> {
     static HL_INLINE void store(float* p, V v) { _mm512_store_ps(p, v); }
 };
 
+// tile32 with both weight rows in one 512-bit register: the low 256 bits carry row 0's lanes, the
+// high 256 bits row 1's, so one dot, one convert, one scale product and one FMA serve two
+// outputs. Each half computes exactly what tile32 computes for its row (integer lanes, then
+// acc8 = fma(dw * da, float(lanes), acc8) per block), so the bits are the same; the instruction
+// count per block is nearly halved. NA = WIDE_NA and WIDEST_NA (8 and 16 activation rows, the
+// wide tiles of batches) share each decoded weight block among more rows; each output's
+// arithmetic is the same.
+// float(lanes) is a subtraction from lanes started at kFloatMagicBits (vecdot.h) except for Q5_0:
+// the same values, with the convert's port-0-only uop moved to either port (+4% at 16 rows).
 template <class F, int NA = MAX_NA>
 void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t a0, float* out, int64_t os) {
     static_assert(TILE_NW == 2, "two weight rows in one 512-bit register");
