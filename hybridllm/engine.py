@@ -174,6 +174,8 @@ class Batch:
         """(seq_id, tokens, pos0) per sequence -> their rows, logits wanted for each last one."""
         token, pos, seq_id, logits = [], [], [], []
         for s, tokens, pos0 in sequences:
+            if not tokens:
+                raise ValueError(f"Batch.of: sequence {s} has no tokens")
             token += tokens
             pos += range(pos0, pos0 + len(tokens))
             seq_id += [s] * len(tokens)
@@ -400,7 +402,7 @@ class Engine:
         groups: list[tuple[Slot, list[int], int]] = []
         for i in range(n):
             s, p = batch.seq_id[i], batch.pos[i]
-            if groups and i > 0 and batch.seq_id[i - 1] == s:
+            if i > 0 and batch.seq_id[i - 1] == s:
                 if p != batch.pos[i - 1] + 1:
                     raise ValueError(f"batch.pos[{i}] = {p}: a sequence's positions must be consecutive")
                 groups[-1][1].append(batch.token[i])

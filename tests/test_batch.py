@@ -212,6 +212,8 @@ def test_engine_decode_rejects_bad_batches(tiny_llama_path: str) -> None:
     with pytest.raises(ContextFullError, match="slot 0's context of 160 tokens"):
         engine.decode(Batch.of([(0, [1] * N_CTX, 1)]))
     assert engine.slots[0].tokens == [1, 2, 3]  # a rejected batch changes nothing
+    with pytest.raises(ValueError, match="sequence 1 has no tokens"):
+        Batch.of([(0, [1], 3), (1, [], 0)])
     engine.slots[1].busy = True
     with pytest.raises(ValueError, match="serving a request"):
         engine.decode(Batch.of([(1, [1], 0)]))
