@@ -88,8 +88,9 @@ inline void run_wide_tile(const Kernels& ks, TileKernel wide, const uint8_t* w, 
 }
 
 // Weight rows [r0, r1) x activation rows [a0, a1): tiles of WIDEST_NA, then WIDE_NA (where such
-// tiles exist), then MAX_NA activation rows outside, weight rows inside (the activation tile stays in L1 while the
-// weight chunk streams from L2). Every output's arithmetic is its row kernel's, whatever the tile.
+// tiles exist), then MAX_NA activation rows outside, weight rows inside (the activation tile
+// stays in L1 while the weight chunk streams from L2). Every output's arithmetic is its row
+// kernel's, whatever the tile.
 inline void run_tile(const Kernels& ks, const uint8_t* w, const QActs& acts, int64_t r0,
                      int64_t r1, int64_t a0, int64_t a1, float* out, int64_t os) {
     const int64_t cols = acts.cols;
