@@ -655,11 +655,10 @@ void Attention::row_item_simd(int64_t i, const float* q, const uint16_t* kc, con
         softmax<S>(ts + j * ls, base, lo, p);
     }
 #if defined(__AVX512F__)
-    if constexpr (L == 16)
-        if (dv % 16 == 0) {
-            pv_tree(ts, nh, ls, base, vc + g * dv, kvv, lo, p, dv, o + h0 * dv);
-            return;
-        }
+    if constexpr (L == 16) {  // dv is a multiple of L on the SIMD path (plan)
+        pv_tree(ts, nh, ls, base, vc + g * dv, kvv, lo, p, dv, o + h0 * dv);
+        return;
+    }
 #endif
     pv_vec<S>(ts, nh, ls, base, vc + g * dv, kvv, lo, p, 0, dv, dv, ts + nh * ls, o + h0 * dv);
 }
