@@ -59,6 +59,7 @@ struct Kernels {
     TileKernel tile;  // TILE_NW rows x MAX_NA activation rows, or nullptr
     TileKernel wide;  // TILE_NW rows x WIDE_NA activation rows, or nullptr
     TileKernel widest;  // TILE_NW rows x WIDEST_NA activation rows, or nullptr
+    TileKernel widest_quad;  // 2 * TILE_NW rows x WIDEST_NA activation rows, or nullptr
     int64_t rb;
 };
 
@@ -69,19 +70,23 @@ Kernels kernels_for(int type, int act_kind, int64_t cols) {
     ks.tile = get_tile_kernel(type, act_kind);
     ks.wide = get_wide_tile_kernel(type, act_kind);
     ks.widest = get_widest_tile_kernel(type, act_kind);
+    ks.widest_quad = get_widest_quad_tile_kernel(type, act_kind);
     TypeInfo ti{};
     type_info(type, &ti);
     ks.rb = row_bytes(ti, cols);
     return ks;
 }
 
-// Weight rows [r0, r1) x NA activation rows from ag with the tile `wide` of that height (an odd
-// last weight row with the MAX_NA row kernel).
+// Weight rows [r0, r1) x NA activation rows from ag with the tile `wide` of that height (first
+// four rows at a time with `quad` where there is one; an odd last weight row with the MAX_NA
+// row kernel).
 template <int NA>
-inline void run_wide_tile(const Kernels& ks, TileKernel wide, const uint8_t* w, const QActs& acts, int64_t r0,
-                          int64_t r1, int64_t ag, float* out, int64_t os) {
+inline void run_wide_tile(const Kernels& ks, TileKernel wide, TileKernel quad, const uint8_t* w, const QActs& acts,
+                          int64_t r0, int64_t r1, int64_t ag, float* out, int64_t os) {
     const int64_t cols = acts.cols;
     int64_t r = r0;
+    if (quad != nullptr)
+        for (; r + 2 * TILE_NW <= r1; r += 2 * TILE_NW) quad(cols, w + r * ks.rb, ks.rb, acts, ag, out + ag * os + r, os);
     for (; r + TILE_NW <= r1; r += TILE_NW) wide(cols, w + r * ks.rb, ks.rb, acts, ag, out + ag * os + r, os);
     for (; r < r1; ++r)
         for (int64_t h = ag; h < ag + NA; h += MAX_NA) ks.k[MAX_NA](cols, w + r * ks.rb, acts, h, out + h * os + r, os);
@@ -96,9 +101,9 @@ inline void run_tile(const Kernels& ks, const uint8_t* w, const QActs& acts, int
     const int64_t cols = acts.cols;
     int64_t ag = a0;
     if (ks.widest != nullptr)
-        for (; ag + WIDEST_NA <= a1; ag += WIDEST_NA) run_wide_tile<WIDEST_NA>(ks, ks.widest, w, acts, r0, r1, ag, out, os);
+        for (; ag + WIDEST_NA <= a1; ag += WIDEST_NA) run_wide_tile<WIDEST_NA>(ks, ks.widest, ks.widest_quad, w, acts, r0, r1, ag, out, os);
     if (ks.wide != nullptr)
-        for (; ag + WIDE_NA <= a1; ag += WIDE_NA) run_wide_tile<WIDE_NA>(ks, ks.wide, w, acts, r0, r1, ag, out, os);
+        for (; ag + WIDE_NA <= a1; ag += WIDE_NA) run_wide_tile<WIDE_NA>(ks, ks.wide, nullptr, w, acts, r0, r1, ag, out, os);
     for (; ag < a1; ag += MAX_NA) {
         const int na = static_cast<int>(std::min<int64_t>(MAX_NA, a1 - ag));
         const RowKernel k = ks.k[na];

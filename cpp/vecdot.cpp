@@ -271,6 +271,10 @@ TileKernel get_widest_tile_kernel(int type, int act_kind) {
     return force_scalar() ? nullptr : get_widest_tile_kernel_avx2(type, act_kind);
 }
 
+TileKernel get_widest_quad_tile_kernel(int type, int act_kind) {
+    return force_scalar() ? nullptr : get_widest_quad_tile_kernel_avx2(type, act_kind);
+}
+
 MatvecKernel get_matvec_kernel(int type, int act_kind) {
     return force_scalar() ? nullptr : get_matvec_kernel_avx2(type, act_kind);
 }

@@ -111,6 +111,10 @@ TileKernel get_wide_tile_kernel(int type, int act_kind);
 TileKernel get_wide_tile_kernel_avx2(int type, int act_kind);
 TileKernel get_widest_tile_kernel(int type, int act_kind);
 TileKernel get_widest_tile_kernel_avx2(int type, int act_kind);
+// The widest tile over 2 * TILE_NW weight rows (same signature, out[i * out_stride + r] for
+// r < 2 * TILE_NW), for the formats whose loads bound the pair tile; nullptr for the others.
+TileKernel get_widest_quad_tile_kernel(int type, int act_kind);
+TileKernel get_widest_quad_tile_kernel_avx2(int type, int act_kind);
 
 // The SIMD matvec kernel for `type` against `act_kind`, or nullptr (use the row kernels).
 MatvecKernel get_matvec_kernel(int type, int act_kind);
