@@ -318,15 +318,6 @@ struct MinChainLanes<16> {
     static HL_INLINE void store(float* p, V v) { _mm512_store_ps(p, v); }
 };
 
-// tile32 with both weight rows in one 512-bit register: the low 256 bits carry row 0's lanes, the
-// high 256 bits row 1's, so one dot, one convert, one scale product and one FMA serve two
-// outputs. Each half computes exactly what tile32 computes for its row (integer lanes, then
-// acc8 = fma(dw * da, float(lanes), acc8) per block), so the bits are the same; the instruction
-// count per block is nearly halved. NA = WIDE_NA and WIDEST_NA (8 and 16 activation rows, the
-// wide tiles of batches) share each decoded weight block among more rows; each output's
-// arithmetic is the same.
-// float(lanes) is a subtraction from lanes started at kFloatMagicBits (vecdot.h) except for Q5_0:
-// the same values, with the convert's port-0-only uop moved to either port (+4% at 16 rows).
 // One block of two weight rows (blk0 and blk0 + rb) for the 512-bit tiles: codes [row 0 | row 1]
 // and scales [d0 x 8 | d1 x 8], and the rows' min chains (lane i: activation row i) advanced.
 template <class F, int NA>
@@ -367,6 +358,15 @@ HL_INLINE void store_pair_outputs(const __m512* acc, const typename MinChainLane
     }
 }
 
+// tile32 with both weight rows in one 512-bit register: the low 256 bits carry row 0's lanes, the
+// high 256 bits row 1's, so one dot, one convert, one scale product and one FMA serve two
+// outputs. Each half computes exactly what tile32 computes for its row (integer lanes, then
+// acc8 = fma(dw * da, float(lanes), acc8) per block), so the bits are the same; the instruction
+// count per block is nearly halved. NA = WIDE_NA and WIDEST_NA (8 and 16 activation rows, the
+// wide tiles of batches) share each decoded weight block among more rows; each output's
+// arithmetic is the same.
+// float(lanes) is a subtraction from lanes started at kFloatMagicBits (vecdot.h) except for Q5_0:
+// the same values, with the convert's port-0-only uop moved to either port (+4% at 16 rows).
 template <class F, int NA = MAX_NA>
 void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t a0, float* out, int64_t os) {
     static_assert(TILE_NW == 2, "two weight rows in one 512-bit register");
@@ -408,8 +408,8 @@ void tile32_pair512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, 
 
 // Two pairs of weight rows (2 * TILE_NW) x NA activation rows: each activation block, its scale
 // and (Q8_0) its start lanes are loaded once for two dots instead of one. The pair tile spends
-// three loads per dot on Q8_0, where this is +16% (matmul_once.py, one thread, 49152x576 by 16
-// rows: 116.7 -> 135.7 GFLOP/s); every output's arithmetic is the pair tile's.
+// three loads per dot on Q8_0, where this is +13-16% (matmul_once.py, one thread, 49152x576 by
+// 16 rows: 115.8-128.5 -> 134.2-143.3 GFLOP/s); every output's arithmetic is the pair tile's.
 template <class F, int NA>
 void tile32_quad512(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t a0, float* out, int64_t os) {
     static_assert(2 * NA <= 16, "the accumulators and the block's operands share 32 registers");
