@@ -19,9 +19,10 @@ namespace {
 constexpr int kRows = 16, kBlocks = 18, kCols = kBlocks * 32;  // SmolLM2's 576 columns
 alignas(64) int8_t g_acts[kRows * kCols];
 alignas(64) float g_act_scales[kRows * kBlocks];
+alignas(64) float g_act_magic[kRows * kBlocks];
 alignas(64) uint8_t g_weights[2][kBlocks][20];  // two Q4_1 rows: f16 d, f16 m, 16 bytes of nibbles
 
-enum Variant { kFull, kNoScaleProduct, kNoConvert, kNoActLoad, kConvertInstr };
+enum Variant { kFull, kNoScaleProduct, kNoConvert, kNoActLoad, kConvertInstr, kFusedScale };
 
 template <Variant V>
 __attribute__((noinline)) void tile(float* out) {
@@ -54,8 +55,14 @@ __attribute__((noinline)) void tile(float* out) {
                 lanes = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, act));
             } else {
                 const __m512i dot = _mm512_dpbusd_epi32(magic_bits, codes, act);
-                lanes = V == kNoConvert ? _mm512_castsi512_ps(dot)
+                lanes = V == kNoConvert || V == kFusedScale ? _mm512_castsi512_ps(dot)
                                         : _mm512_sub_ps(_mm512_castsi512_ps(dot), _mm512_set1_ps(12582912.0f));
+            }
+            if constexpr (V == kFusedScale) {
+                const __m512 t = _mm512_fmsub_ps(lanes, _mm512_set1_ps(g_act_scales[i * kBlocks + b]),
+                                                 _mm512_set1_ps(g_act_magic[i * kBlocks + b]));
+                acc[i] = _mm512_fmadd_ps(dw, t, acc[i]);
+                continue;
             }
             const __m512 scale =
                 V == kNoScaleProduct ? dw : _mm512_mul_ps(dw, _mm512_set1_ps(g_act_scales[i * kBlocks + b]));
@@ -80,7 +87,10 @@ void report(const char* name) {
 
 int main() {
     for (int i = 0; i < kRows * kCols; ++i) g_acts[i] = static_cast<int8_t>(i * 7);
-    for (int i = 0; i < kRows * kBlocks; ++i) g_act_scales[i] = 0.001f * static_cast<float>(i % 13 + 1);
+    // Scales that are f16 values, as the activation quantizers round them (d = fp16(amax / 127)).
+    for (int i = 0; i < kRows * kBlocks; ++i)
+        g_act_scales[i] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(0.001f * static_cast<float>(i % 13 + 1)), 0)));
+    for (int i = 0; i < kRows * kBlocks; ++i) g_act_magic[i] = g_act_scales[i] * 12582912.0f;
     for (auto& row : g_weights)
         for (int b = 0; b < kBlocks; ++b) {
             for (int k = 0; k < 20; ++k) row[b][k] = static_cast<uint8_t>(k * 13 + b);
@@ -92,5 +102,6 @@ int main() {
         report<kNoConvert>("without the int-to-float subtract");
         report<kNoActLoad>("without the activation loads");
         report<kConvertInstr>("vcvtdq2ps instead of the subtract");
+        report<kFusedScale>("fmsub(F, da, magic da), fma(dw, .)");
     }
 }

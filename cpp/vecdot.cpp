@@ -37,11 +37,11 @@ constexpr size_t align64(size_t v) { return (v + 63) & ~size_t{63}; }
 // Bytes of each array, in the order they sit in the buffer (nb = cols / block size):
 //   ACT_Q8_32:  qs [n][cols] int8 | d [n][nb] | s [n][nb] | d_t [nb][n] | s_t | q5_start [n][cols/4] int32
 //               | q8_start [n][cols/4] int32
-//   ACT_Q8_1:   qs [n][cols] int8 | d [n][nb] | s [n][nb] | d_t [nb][n] | s_t [nb][n]
+//   ACT_Q8_1:   qs [n][cols] int8 | d [n][nb] | s [n][nb] | d_t [nb][n] | s_t [nb][n] | d_magic [n][nb]
 //   ACT_Q8_K:   qs [n][cols] int8 | d [n][nb] float | bsums [n][cols/16] int16 | d_t [nb][n]
 struct Sizes {
-    size_t qs, d, extra, d_t, s_t, q5_start, q8_start;
-    size_t total() const { return qs + d + extra + d_t + s_t + q5_start + q8_start; }
+    size_t qs, d, extra, d_t, s_t, q5_start, q8_start, d_magic;
+    size_t total() const { return qs + d + extra + d_t + s_t + q5_start + q8_start + d_magic; }
 };
 
 Sizes sizes(int kind, int64_t n, int64_t cols) {
@@ -49,10 +49,11 @@ Sizes sizes(int kind, int64_t n, int64_t cols) {
     if (kind == ACT_Q8_32 || kind == ACT_Q8_1) {
         const size_t per_block = align64(nn * (cc / QK) * 4);
         const size_t start = kind == ACT_Q8_32 ? align64(nn * cc) : 0;  // (cols / 4) int32 a row
-        return {align64(nn * cc), per_block, per_block, per_block, per_block, start, start};
+        const size_t d_magic = kind == ACT_Q8_1 ? per_block : 0;
+        return {align64(nn * cc), per_block, per_block, per_block, per_block, start, start, d_magic};
     }
-    if (kind == ACT_Q8_K) return {align64(nn * cc), align64(nn * (cc / QK_K) * 4), align64(nn * (cc / 16) * 2), align64(nn * (cc / QK_K) * 4), 0, 0, 0};
-    return {0, 0, 0, 0, 0, 0, 0};
+    if (kind == ACT_Q8_K) return {align64(nn * cc), align64(nn * (cc / QK_K) * 4), align64(nn * (cc / 16) * 2), align64(nn * (cc / QK_K) * 4), 0, 0, 0, 0};
+    return {0, 0, 0, 0, 0, 0, 0, 0};
 }
 
 // -16 and -128 times the sums of each 4 consecutive codes (the offsets of Q5_0's codes and of
@@ -222,6 +223,8 @@ QActs acts_layout(int kind, int64_t n, int64_t cols, void* buf, const float* x) 
         if (kind == ACT_Q8_32) {
             a.q5_start = reinterpret_cast<const int32_t*>(base + s.qs + s.d + s.extra + s.d_t + s.s_t);
             a.q8_start = reinterpret_cast<const int32_t*>(base + s.qs + s.d + s.extra + s.d_t + s.s_t + s.q5_start);
+        } else {
+            a.d_magic = reinterpret_cast<const float*>(base + s.qs + s.d + s.extra + s.d_t + s.s_t);
         }
     } else {
         a.bsums = reinterpret_cast<const int16_t*>(base + s.qs + s.d);
@@ -243,6 +246,7 @@ void quantize_acts_rows(const QActs& a, const float* x, int64_t r0, int64_t r1) 
             for (int64_t b = 0; b < nb; ++b) {
                 const_cast<float*>(a.d_t)[b * a.n + r] = d[b];
                 const_cast<float*>(a.s_t)[b * a.n + r] = s[b];
+                if (a.d_magic != nullptr) const_cast<float*>(a.d_magic)[r * nb + b] = d[b] * kFloatMagic;
             }
             if (a.q5_start != nullptr)
                 start_lanes(q, cols, const_cast<int32_t*>(a.q5_start) + r * (cols / 4),

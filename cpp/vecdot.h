@@ -43,6 +43,9 @@ struct QActs {
     // Copies laid out for the batch tiles, which read MAX_NA rows' values of one block at once:
     const float* d_t = nullptr;        // d transposed, [nb][n] (nb: blocks per row of the kind)
     const float* s_t = nullptr;        // ACT_Q8_1: s transposed, [cols/32][n]
+    // ACT_Q8_1: d * kFloatMagic, [n][cols/32] (exact: d is a half value), for the 512-bit Q4_1
+    // tile's float(lanes) * d in one fmsub from lanes started at kFloatMagicBits.
+    const float* d_magic = nullptr;
     // ACT_Q8_32: -16 * (sum of codes 4l .. 4l + 3) in int32 lane l of each block, [n][cols/4]:
     // the start value of Q5_0's unsigned-code dot (q - 16 folded in), once per matmul instead of
     // once per weight-row pair.

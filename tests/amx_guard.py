@@ -84,6 +84,9 @@ def refuse_amx() -> bool:
 
 
 def amx_refused() -> bool:
-    """Whether a request for the AMX tile state is refused now (the filter's effect)."""
+    """Whether a request for the AMX tile state is refused now with the filter's EPERM (a CPU
+    without AMX answers EOPNOTSUPP: nothing to refuse there)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0
+    if libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0:
+        return False
+    return ctypes.get_errno() == EPERM

@@ -195,6 +195,29 @@ def test_batch_tiles_at_the_largest_lanes(qtype: Q) -> None:
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
 
 
+def test_q4_1_tiles_across_the_half_range_of_scales() -> None:
+    """The 512-bit Q4_1 tile computes fma(dw, da * x, acc) where llama.cpp computes
+    fma(dw * da, x, acc): the same real number to round, as long as da * x and dw * da are exact
+    in float. Activation scales from half subnormals to about 10, weight scales from half
+    subnormals to 60000, with the largest lanes (codes 15 against +-127) among them."""
+    if "cpp" not in kernels.available_backends():
+        pytest.skip("hybridllm._core is not built")
+    rows, cols, n = 21, 32 * 24, 16
+    rng = np.random.default_rng(11)
+    raw = random_blocks(Q.Q4_1, rows, cols, seed=13).reshape(rows, cols // 32, 20)
+    weight_scales = np.concatenate([[6e-8, 1e-7, 3e-6, 6.1e-5], np.geomspace(1e-3, 6e4, rows * (cols // 32) - 4)])
+    rng.shuffle(weight_scales)
+    raw[:, :, 0:2] = weight_scales.astype(np.float16).view(np.uint8).reshape(rows, cols // 32, 2)
+    raw[:, ::3, 4:20] = 0xFF
+    x = activations(n, cols, seed=17)
+    x *= np.geomspace(2e-6, 30, n).astype(F32)[:, None]  # d = fp16(amax / 127): subnormal to ~10 (s finite)
+    x[::2, 64:96] = np.where(np.arange(n)[::2, None] % 4 == 0, F32(1.0), F32(-1.0)) * np.abs(x[::2, 64:96]).max()
+    got = kernels.matmul(raw.reshape(rows, -1), Q.Q4_1, (rows, cols), x, backend="cpp")
+    ref = ref_q4_1(raw.reshape(rows, -1), rows, cols, x)
+    assert np.isfinite(ref).all()
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
 # --- the other types: ggml's own vec_dot as the oracle, numpy for the repacked / tiled paths -----
 
 # bytes per block and the (offset, low, high) ranges of its f16 scales
