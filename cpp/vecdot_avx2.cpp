@@ -292,6 +292,42 @@ void tile32(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t 
     }
 }
 
+// The wide kernel of the 256-bit builds for Q8_0 (the heads of batches): each of the TILE_NW
+// weight rows against WIDE_NA activation rows, one row after the other, every output with
+// dot32's arithmetic (acc8 = fma(dw * da, float(dot lanes), acc8) per block). The block's
+// WIDE_NA scale products are one 8-lane multiply from d_t, broadcast to the FMAs from memory;
+// dot32<Fmt8_0, 4> makes each a scalar product and a register broadcast. 0.92 against 1.07 ns a
+// block and row on an AVX2-only Zen 3 (bench/RESULTS.md). A second weight row's 8 accumulators
+// would not fit the 16 registers, so the rows take turns; the 8 activation rows stay in L1.
+template <class F>
+void rows_wide(int64_t cols, const uint8_t* w, int64_t rb, const QActs& a, int64_t a0, float* out, int64_t os) {
+    static_assert(WIDE_NA == 8 && F::kSigned && !F::kMin && !F::kChain, "8 lanes of scale products, LANES order");
+    constexpr size_t kB = F::kBytes;
+    const int64_t nb = cols / QK;
+    const int8_t* aq = a.qs + a0 * cols;
+    alignas(32) float dd_mem[WIDE_NA];
+    float* dd = dd_mem;
+    asm("" : "+r"(dd));  // opaque: GCC would turn the broadcast loads back into shuffles
+    for (int r = 0; r < TILE_NW; ++r) {
+        const uint8_t* row = w + r * rb;
+        __m256 acc[WIDE_NA];
+        for (auto& v : acc) v = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b) {
+            const uint8_t* blk = row + b * kB;
+            if ((b & 15) == 0) prefetch_ahead(blk, 16 * kB);
+            const __m256i q = F::codes(blk);
+            const __m256i qabs = _mm256_sign_epi8(q, q);
+            _mm256_store_ps(dd, _mm256_mul_ps(_mm256_set1_ps(load_f16(blk)), _mm256_loadu_ps(a.d_t + b * a.n + a0)));
+#pragma GCC unroll 8
+            for (int i = 0; i < WIDE_NA; ++i) {
+                const __m256i dot = block_dot<F>(q, qabs, loadu256(aq + i * cols + b * QK));
+                acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(dd + i), _mm256_cvtepi32_ps(dot), acc[i]);
+            }
+        }
+        for (int i = 0; i < WIDE_NA; ++i) out[i * os + r] = hsum_ps(acc[i]);
+    }
+}
+
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 // The min chains of NA activation rows as one vector of NA float lanes (each lane its own chain,
 // so the width does not change any result): summs = fma(m, s_a, summs) per block.
@@ -1173,7 +1209,8 @@ MatvecKernel get_matvec_kernel_avx2(int type, int kind) {
 // The tile of `type` with NA activation rows, or nullptr. Q4_0 has none (its order is a scalar
 // chain). Q8_0 dots its codes + 128 from start lanes -128 * (lane sums): exact in vpdpbusd's int32
 // lanes, but over maddubs' int16 pairs (255 * 127 * 2), so only the 512-bit tile takes it. The
-// 256-bit tile has no wide form: its 2 x 8 accumulators would not fit the 16 vector registers.
+// 256-bit tile has no wide form: its 2 x 8 accumulators would not fit the 16 vector registers;
+// the 256-bit builds' wide kernel of Q8_0 is rows_wide, one weight row at a time.
 template <int NA>
 TileKernel tile_for(int type) {
 #if defined(HL_TILE32_VNNI512)
@@ -1185,6 +1222,7 @@ TileKernel tile_for(int type) {
         default: return nullptr;
     }
 #else
+    if constexpr (NA == WIDE_NA) return type == T_Q8_0 ? rows_wide<Fmt8_0> : nullptr;
     if constexpr (NA != MAX_NA) return nullptr;
     switch (type) {
         case T_Q4_1: return tile32<Fmt4_1>;
